@@ -344,6 +344,11 @@ class MuMIC(nn.Module):
         batch = np.stack([preprocess(im, self.config.image_size, self.config.resize_mode) for im in images])
         return self.score_labels(batch, labels) if labels else self.score(batch)
 
+    @torch.no_grad()
+    def embed_query(self, text: str) -> torch.Tensor:
+        """A text query embedded like a class (the taxonomy's templates, averaged): [D]."""
+        return self.class_embeddings(self.taxonomy.with_labels([text]))[0]
+
     def set_thresholds(self, thresholds: Sequence[float] | np.ndarray) -> None:
         t = torch.as_tensor(np.asarray(thresholds, dtype=np.float32))
         if t.shape != self.thresholds.shape:

@@ -1,0 +1,126 @@
+"""Shared fixtures: a local S3 server, one local Ray cluster, generated data and tiny models.
+
+Expensive things (Ray, the S3 server, a trained tiny model) start once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Ray and deltalake read these when they start; set before anything imports them.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 HTTP endpoint (moto server mode) on loopback; AWS_* env points every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-never-logged",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "AWS_ALLOW_HTTP": "true",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket per test; returns its name."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One local Ray cluster for the session (2 CPUs); started after the S3 env so workers inherit it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def taxonomy():
+    from mumic_core import synthetic
+
+    return synthetic.taxonomy()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_untrained(taxonomy):
+    from mumic_core.model import MuMIC
+
+    import torch
+
+    torch.manual_seed(0)
+    return MuMIC.create(taxonomy, backbone="mumic-tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(taxonomy, tmp_path_factory):
+    """A tiny model trained on generated images (6 epochs, at most 55 s), saved as a model folder.
+
+    Returns (model, folder, metrics on held-out generated images).
+    """
+    import torch
+
+    from mumic_core import checkpoint, metrics, synthetic
+    from mumic_core.images import preprocess
+    from mumic_core.model import MuMIC
+    from mumic_core.training import OptimConfig, fit, predict
+
+    torch.manual_seed(0)
+    model = MuMIC.create(taxonomy, backbone="mumic-tiny")
+    size = model.config.image_size
+    train_imgs, y_train = synthetic.make_arrays(1536, seed=1)
+    test_imgs, y_test = synthetic.make_arrays(384, seed=2)
+    x_train = np.stack([preprocess(im, size) for im in train_imgs])
+    x_test = np.stack([preprocess(im, size) for im in test_imgs])
+    cfg = OptimConfig(epochs=6, batch_size=64, lr_image=2e-3, lr_text=2e-3)
+    run = fit(model, x_train, y_train, cfg, time_budget_s=55)
+    scores, _ = predict(model, x_test)
+    report = metrics.evaluate_all(scores, y_test, class_names=taxonomy.names)
+    report["train_seconds"] = run["seconds"]
+    report["train_epochs"] = run["epochs"]
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    checkpoint.save(model, folder)
+    return model, Path(folder), report
