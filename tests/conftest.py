@@ -19,6 +19,7 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_worker_niceness", "0")  # Ray workers default to nice 15: slow on a shared box
 
 
 def free_port() -> int:
@@ -124,3 +125,13 @@ def trained_tiny(taxonomy, tmp_path_factory):
     folder = tmp_path_factory.mktemp("models") / "tiny"
     checkpoint.save(model, folder)
     return model, Path(folder), report
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_model_untrained, tmp_path_factory) -> Path:
+    """The untrained tiny model saved as a model folder (retag tests: speed and plumbing, not quality)."""
+    from mumic_core import checkpoint
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-untrained"
+    checkpoint.save(tiny_model_untrained, folder)
+    return Path(folder)
