@@ -1,0 +1,45 @@
+"""`mumic runs`: the committed runs of an output location."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "runs"
+HELP = "list committed runs: run id, date, model version, counts by status"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--output", required=True, help="the retag output location (local path or s3://)")
+    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines import queries
+
+    runs = queries.list_runs(args.output).to_pylist()
+    if args.json:
+        for r in runs:
+            print(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}))
+        return 0
+    if not runs:
+        print(f"no committed runs in {args.output}")
+        return 0
+    header = ("run_id", "run_date", "finished_at", "model", "ok", "error", "skipped")
+    rows = [
+        (
+            r["run_id"],
+            r["run_date"],
+            r["finished_at"].strftime("%Y-%m-%d %H:%M:%S") if r["finished_at"] else "",
+            f"{r['model_name']}/{r['model_version']}",
+            str(r["rows_ok"]),
+            str(r["rows_error"]),
+            str(r["rows_skipped"]),
+        )
+        for r in runs
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+    return 0
