@@ -72,21 +72,21 @@ def fluent(uri: str) -> Iterator[None]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved = (
-        tracking_utils._tracking_uri,
-        registry_utils._registry_uri,
-        os.environ.get("MLFLOW_TRACKING_URI"),
-    )
+    # set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: restore
+    # both, or a later client in this process talks to this block's server.
+    env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri, {k: os.environ.get(k) for k in env_keys})
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
         yield
     finally:
         tracking_utils._tracking_uri, registry_utils._registry_uri, env = saved
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_experiment(mlflow_client, name: str, artifact_location: str | None = None) -> str:
