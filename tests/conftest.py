@@ -88,9 +88,9 @@ def taxonomy():
 
 @pytest.fixture(scope="session")
 def tiny_model_untrained(taxonomy):
-    from mumic_core.model import MuMIC
-
     import torch
+
+    from mumic_core.model import MuMIC
 
     torch.manual_seed(0)
     return MuMIC.create(taxonomy, backbone="mumic-tiny")
