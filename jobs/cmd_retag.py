@@ -48,6 +48,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--concurrency", type=_positive, help="inference actors (default: one per GPU, or from the CPU count)"
     )
+    p.add_argument(
+        "--gpus",
+        type=_non_negative,
+        default=0,
+        help="GPU inference actors to request even if no GPU node is up yet (autoscaling clusters); "
+        "default: one per GPU present",
+    )
     p.add_argument("--max-pixels", type=_positive, help="refuse images larger than this (width*height)")
     p.add_argument("--run-date", help="partition date YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--fetch-threads", type=_positive, default=16, help="concurrent reads per fetch task")
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         fetch_threads=args.fetch_threads,
         fetch_concurrency=args.fetch_concurrency,
         rows_per_part=args.rows_per_part,
+        gpus=args.gpus,
         progress=not args.no_progress,
         **({"max_pixels": args.max_pixels} if args.max_pixels else {}),
     )

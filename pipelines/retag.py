@@ -59,6 +59,7 @@ class RetagOptions:
     actor_cpus: float | None = None  # Ray CPUs reserved per infer actor
     torch_threads: int | None = None  # intra-op threads per infer actor
     rows_per_part: int = 100_000  # rows per staged Parquet part (the unit of resume)
+    gpus: int = 0  # GPU actors to ask for even when no GPU node is up yet (an autoscaling cluster adds them)
     progress: bool = True  # a progress line on stderr every few seconds
 
 
@@ -84,7 +85,7 @@ def plan_resources(resources: dict, opts: RetagOptions) -> Plan:
     core waits on another stage. One logical CPU stays free for the catalog listing / read / fetch tasks
     (Ray Data's file listing task asks for a whole CPU; with none free the job would never start)."""
     cpus = float(resources.get("CPU", 1))
-    gpus = int(resources.get("GPU", 0))
+    gpus = max(int(resources.get("GPU", 0)), opts.gpus)
     io_cpus = opts.fetch_cpus
     if gpus:
         actors = opts.concurrency or gpus

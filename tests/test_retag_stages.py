@@ -427,3 +427,20 @@ def test_part_writer_bounds_its_buffer_by_bytes_as_well_as_rows(tmp_path):
     flushed = [len(writer.add(pipeline_output([f"a{k}", f"b{k}"], ["ok", "error"]))) for k in range(3)]
     assert flushed == [1, 1, 1] and writer.flush() is None  # every batch went straight to a part
     assert [p.rows_ok + p.rows_error for p in staging.parts()] == [2, 2, 2]
+
+
+def test_plan_uses_one_single_threaded_actor_per_core_and_keeps_a_cpu_for_io():
+    from pipelines.retag import RetagOptions, plan_resources
+
+    plan = plan_resources({"CPU": 2.0}, RetagOptions())
+    assert (plan.actors, plan.actor_gpus, plan.torch_threads) == (2, 0.0, 1)
+    assert plan.actors * plan.actor_cpus <= 1.0 + 1e-9  # one logical CPU left for read/fetch tasks
+
+
+def test_plan_puts_one_actor_on_each_gpu_and_can_ask_for_gpus_before_the_autoscaler_adds_them():
+    from pipelines.retag import RetagOptions, plan_resources
+
+    present = plan_resources({"CPU": 16.0, "GPU": 4.0}, RetagOptions())
+    assert (present.actors, present.actor_gpus) == (4, 1.0)
+    scaling = plan_resources({"CPU": 2.0}, RetagOptions(gpus=3))  # a CPU head, GPU workers at 0 replicas
+    assert (scaling.actors, scaling.actor_gpus) == (3, 1.0)
