@@ -141,9 +141,10 @@ def run_quickstart(workdir: str | Path, opts: QuickstartOptions | None = None) -
         "",
         f"MLflow UI: mlflow ui --backend-store-uri {uri}",
     ]
-    metrics = {k: v for k, v in result.test.metrics.items() if not k.startswith("baseline_")} if result.test else {}
+    test_metrics = result.test.metrics if result.test else {}
+    metrics = {k: v for k, v in test_metrics.items() if not k.startswith("baseline_")}
     keep = ("map", "gap", "gap_at_10", "f1_at_3", "f1_at_5", "baseline_map")
-    shown = {k: float(result.test.metrics[k]) for k in keep if result.test and k in result.test.metrics}
+    shown = {k: float(test_metrics[k]) for k in keep if k in test_metrics}
     summary_rows = {
         "model": f"{opts.model_name} version {version} (alias champion)",
         "training": f"{result.epochs} epochs, best epoch {result.best_epoch}, {result.seconds:.0f} s, "
