@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.tracking import quiet_mlflow
+    from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
     from pipelines.annotations import AnnotationError

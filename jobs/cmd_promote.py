@@ -25,12 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.tracking import quiet_mlflow
+    from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
     import sys
 
-    from pipelines import registry, tracking
+    from pipelines import registry
+    from pipelines.registry import tracking
 
     result = registry.promote(
         args.name,

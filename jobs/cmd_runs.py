@@ -15,9 +15,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines import queries
+    from pipelines import tables
 
-    runs = queries.list_runs(args.output).to_pylist()
+    runs = tables.list_runs(args.output).to_pylist()
     if args.json:
         for r in runs:
             print(json.dumps({k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in r.items()}))

@@ -23,17 +23,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    import torch
-
     from jobs.cli import UserError
-    from pipelines import models, queries
+    from pipelines import tables
+    from pipelines.registry import load_scorer
 
     if args.k < 1:
         raise UserError("--k must be at least 1", 2)
-    model, mref = models.load(args.model)
-    with torch.no_grad():
-        query = model.embed_query(args.text).float().cpu().numpy()
-    run, hits = queries.search_embeddings(args.output, query, k=args.k, run_id=args.run_id)
+    scorer, mref = load_scorer(args.model)
+    run, hits = tables.search_embeddings(args.output, scorer.embed_text(args.text), k=args.k, run_id=args.run_id)
     if (run["model_name"], run["model_version"]) != (mref.name, mref.version):
         print(
             f"mumic: warning: run {run['run_id']} was tagged by {run['model_name']}/{run['model_version']}, "

@@ -22,64 +22,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    import numpy as np
 
     from jobs.cli import UserError
     from mumic_core import images
-    from pipelines import models, storage
+    from pipelines import storage
+    from pipelines.registry import load_scorer
 
     labels = None
     if args.labels is not None:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()]
         if not labels:
             raise UserError("--labels needs at least one non-empty label", 2)
-    model, mref = models.load(args.model)
-    cfg = model.config
+    scorer, mref = load_scorer(args.model)
     max_pixels = args.max_pixels or images.DEFAULT_MAX_PIXELS
-    failed = 0
-    for ref in args.images:
+    refs, pixels = [], []
+    reads = storage.read_many([storage.resolve(ref) for ref in args.images], threads=8)
+    for ref, (data, failure) in zip(args.images, reads, strict=True):
         try:
-            data = storage.read_bytes(storage.resolve(ref))
-            x = images.load_for_model(
-                data, cfg.image_size, max_pixels=max_pixels, resize_mode=cfg.resize_mode
-            )
-        except images.ImageError as e:
-            failed += 1
+            if failure is not None:
+                raise failure
+            pixels.append(scorer.pixels(data, max_pixels))
+            refs.append(ref)
+        except (storage.ReadFailed, images.ImageError) as e:
             print(f"{ref}: error: {e}", file=sys.stderr)
-            continue
-        except (FileNotFoundError, IsADirectoryError):
-            failed += 1
-            print(f"{ref}: error: not_found", file=sys.stderr)
-            continue
-        except PermissionError:
-            failed += 1
-            print(f"{ref}: error: access_denied", file=sys.stderr)
-            continue
-        with torch.no_grad():
-            if labels:
-                scores = model.score_labels(x[None], labels)[0].tolist()
-                names, thresholds = labels, [0.5] * len(labels)
+    if pixels:
+        result = scorer.predict(np.stack(pixels), labels)
+        for ref, scores, chosen in zip(refs, result.scores, result.chosen(args.top_k), strict=True):
+            if args.json:
+                record = {
+                    "image": ref,
+                    "model": f"{mref.name}/{mref.version}",
+                    "labels": [{"label": c.label, "score": round(c.score, 4)} for c in chosen],
+                    "scores": dict(zip(result.names, [round(float(s), 4) for s in scores], strict=True)),
+                }
+                print(json.dumps(record))
             else:
-                scores = model.score(x[None])[0].tolist()
-                names, thresholds = model.taxonomy.names, model.thresholds.tolist()
-        ranked = sorted(zip(names, scores, thresholds, strict=True), key=lambda t: -t[1])
-        chosen = [(n, s) for i, (n, s, t) in enumerate(ranked) if s >= t or i < args.top_k]
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "image": ref,
-                        "model": f"{mref.name}/{mref.version}",
-                        "labels": [{"label": n, "score": round(s, 4)} for n, s in chosen],
-                        "scores": dict(zip(names, [round(s, 4) for s in scores], strict=True)),
-                    }
-                )
-            )
-        else:
-            shown = ", ".join(
-                f"{n} {s:.2f}" + ("" if s >= t else "?") for n, s, t in ranked if (n, s) in chosen
-            )
-            print(f"{ref}: {shown}")
+                shown = ", ".join(f"{c.label} {c.score:.2f}" + ("" if c.above_threshold else "?") for c in chosen)
+                print(f"{ref}: {shown}")
+    failed = len(args.images) - len(refs)
     if failed:
         print(f"mumic: {failed} of {len(args.images)} images could not be tagged", file=sys.stderr)
         return 1

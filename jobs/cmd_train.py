@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.tracking import quiet_mlflow
+    from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
     from pipelines.annotations import AnnotationError

@@ -9,6 +9,7 @@ import hashlib
 import io
 import struct
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageCms
@@ -134,6 +135,36 @@ def load_for_model(
         img.draft("RGB", (2 * out_w, 2 * out_h))
     img = _load(img, data)
     return preprocess(_to_rgb(_upright(img, _exif_orientation(img))), image_size, resize_mode)
+
+
+def load_many(
+    datas: Sequence[bytes | None],
+    image_size: int | tuple[int, int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize_mode: str = "shortest",
+) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    """load_for_model over a batch: the one decode helper of retag and training data.
+
+    Items that are None are left alone (nothing to decode: a failed read, a skipped row). Returns
+    (pixels of the decoded items packed in order, uint8 [n_ok, 3, H, W]; ok mask [N]; per item the
+    ImageError line, or None).
+    """
+    h, w = _target_hw(image_size)
+    pixels = np.empty((len(datas), 3, h, w), np.uint8)
+    ok = np.zeros(len(datas), bool)
+    errors: list[str | None] = [None] * len(datas)
+    n_ok = 0
+    for i, data in enumerate(datas):
+        if data is None:
+            continue
+        try:
+            pixels[n_ok] = load_for_model(data, (h, w), max_pixels, resize_mode)
+        except ImageError as e:
+            errors[i] = str(e)
+            continue
+        ok[i] = True
+        n_ok += 1
+    return pixels[:n_ok], ok, errors
 
 
 def preprocess(

@@ -13,7 +13,11 @@ import numpy as np
 # (e.g. 50k images x 1k classes) to a few hundred MB instead of several GB.
 _BLOCK_ELEMENTS = 1 << 22
 
+# The headline metrics, in the order every report prints them; also what may select a checkpoint.
+HEADLINE = ("map", "gap", "gap_at_10", "f1_at_3", "f1_at_5")
+
 __all__ = [
+    "HEADLINE",
     "average_precision",
     "evaluate_all",
     "f1_at_k",

@@ -337,14 +337,6 @@ class MuMIC(nn.Module):
         return self.forward(pixels, self.taxonomy.with_labels(labels))["probs"]
 
     @torch.no_grad()
-    def score_images(self, images: Sequence, labels: Sequence[str] | None = None) -> torch.Tensor:
-        """Convenience for PIL images: preprocess as the pipeline does, then score."""
-        from .images import preprocess
-
-        batch = np.stack([preprocess(im, self.config.image_size, self.config.resize_mode) for im in images])
-        return self.score_labels(batch, labels) if labels else self.score(batch)
-
-    @torch.no_grad()
     def embed_query(self, text: str) -> torch.Tensor:
         """A text query embedded like a class (the taxonomy's templates, averaged): [D]."""
         return self.class_embeddings(self.taxonomy.with_labels([text]))[0]

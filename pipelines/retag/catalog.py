@@ -1,0 +1,269 @@
+"""The catalog stage: what to tag, as a stream of Arrow batches of (image_id, uri) with absolute uris.
+
+A catalog is a manifest (Parquet / CSV with `image_id`, `uri`) or a folder / s3:// prefix where every image
+file becomes a row (`image_id` = key relative to the prefix). Listings are paginated and streamed; a run
+works from a snapshot of its catalog (`write_snapshot`) so a resumed run sees exactly the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .. import storage
+
+CATALOG_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string())])
+REQUIRED_COLUMNS = ("image_id", "uri")
+MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif")
+BATCH_ROWS = 65_536
+GROUP_ROWS = 4_096  # snapshot row groups: the unit a pipeline read task takes (small: work starts early)
+
+
+class CatalogError(storage.StorageError):
+    """A catalog that cannot be used as given (missing, wrong columns, empty or duplicate ids)."""
+
+
+def is_manifest(uri: str) -> bool:
+    return str(uri).lower().endswith(MANIFEST_EXTENSIONS)
+
+
+def iter_catalog(uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    """Batches of (image_id, uri) for a manifest file or a folder / prefix listing."""
+    if is_manifest(uri):
+        yield from iter_manifest(uri, batch_rows)
+    else:
+        yield from iter_listing(uri, batch_rows)
+
+
+# ---- manifests ------------------------------------------------------------------------------------------
+
+
+def iter_manifest(uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+    uri = storage.normalize(uri)
+    fs, path = storage.filesystem(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise CatalogError(f"catalog not found: {storage.redact(uri)}")
+    base = storage.parent(uri)
+    rows_seen = 0
+    for batch in _read_manifest(uri, fs, path, batch_rows):
+        yield _validated(batch, base, uri, rows_seen)
+        rows_seen += batch.num_rows
+
+
+def _read_manifest(uri: str, fs, path: str, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    lower = uri.lower()
+    if lower.endswith((".parquet", ".pq")):
+        with fs.open_input_file(path) as f:
+            pfile = pq.ParquetFile(f)
+            _require_columns(pfile.schema_arrow.names, uri)
+            yield from pfile.iter_batches(batch_size=batch_rows, columns=list(REQUIRED_COLUMNS))
+        return
+    with fs.open_input_stream(path, compression="detect") as f:
+        reader = pacsv.open_csv(
+            f,
+            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if ".tsv" in lower else ","),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in REQUIRED_COLUMNS}, strings_can_be_null=False
+            ),
+        )
+        _require_columns(reader.schema.names, uri)
+        for batch in reader:
+            yield batch.select(list(REQUIRED_COLUMNS))
+
+
+def _require_columns(names: Iterable[str], uri: str) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        raise CatalogError(
+            f"catalog {storage.redact(uri)} has no column(s) {', '.join(missing)} "
+            f"(it has: {', '.join(names) or 'none'}); a catalog needs image_id and uri"
+        )
+
+
+def _validated(batch: pa.RecordBatch, base: str, uri: str, offset: int) -> pa.RecordBatch:
+    ids = batch.column("image_id")
+    if not pa.types.is_string(ids.type):
+        ids = ids.cast(pa.string())
+    uris = batch.column("uri").cast(pa.string())
+    for name, col in (("image_id", ids), ("uri", uris)):
+        bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
+        bad = pc.fill_null(bad, True)
+        if pc.any(bad).as_py():
+            row = offset + pc.index(bad, True).as_py()
+            raise CatalogError(f"catalog {storage.redact(uri)}: data row {row + 1} has an empty {name}")
+    try:
+        resolved = [storage.resolve(u, base) for u in uris.to_pylist()]
+    except storage.StorageError as e:
+        raise CatalogError(f"catalog {storage.redact(uri)}: {e}") from None
+    return pa.record_batch([ids, pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
+
+
+# ---- folder / prefix listings ---------------------------------------------------------------------------
+
+
+def iter_listing(
+    prefix: str, batch_rows: int = BATCH_ROWS, page_size: int = 1000
+) -> Iterator[pa.RecordBatch]:
+    """Every image file under a folder or s3:// prefix, in batches; the listing is never held whole."""
+    uri = storage.normalize(prefix)
+    files = _iter_s3(uri, page_size) if uri.startswith("s3://") else _iter_local(uri)
+    ids: list[str] = []
+    uris: list[str] = []
+    found = False
+    for image_id, file_uri in files:
+        if not image_id.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        ids.append(image_id)
+        uris.append(file_uri)
+        if len(ids) >= batch_rows:
+            yield pa.record_batch(
+                [pa.array(ids, pa.string()), pa.array(uris, pa.string())], schema=CATALOG_SCHEMA
+            )
+            ids, uris, found = [], [], True
+    if ids:
+        yield pa.record_batch(
+            [pa.array(ids, pa.string()), pa.array(uris, pa.string())], schema=CATALOG_SCHEMA
+        )
+    elif not found:
+        raise CatalogError(
+            f"no image files under {storage.redact(uri)} (looked for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+
+
+def _iter_local(root: str) -> Iterator[tuple[str, str]]:
+    if not os.path.isdir(root):
+        what = "is a file, not a Parquet/CSV catalog or a folder" if os.path.exists(root) else "not found"
+        raise CatalogError(f"catalog {root}: {what}")
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            yield os.path.relpath(full, root).replace(os.sep, "/"), full
+
+
+def _iter_s3(uri: str, page_size: int) -> Iterator[tuple[str, str]]:
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"  # "s3://b/imgs" must not list "imgs2/..."
+    client = boto3.client("s3")  # endpoint and credentials from the AWS environment
+    pages = client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+    )
+    try:
+        for page in pages:
+            for obj in page.get("Contents", ()):
+                key = obj["Key"]
+                if not key.endswith("/"):
+                    yield key[len(prefix) :], f"s3://{bucket}/{key}"
+    except client.exceptions.NoSuchBucket:
+        raise CatalogError(f"catalog {uri}: bucket {bucket!r} does not exist") from None
+
+
+# ---- snapshots ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    files: tuple[str, ...]
+    num_rows: int
+
+
+def write_snapshot(
+    batches: Iterable[pa.RecordBatch],
+    dest: str,
+    rows_per_file: int = 250_000,
+    check_duplicates: bool = True,
+    source: str = "catalog",
+) -> Snapshot:
+    """Write (image_id, uri) batches as Parquet parts under `dest`; duplicate ids raise CatalogError.
+
+    Only the ids are kept in memory for the duplicate check (Arrow strings, not Python objects).
+    """
+    files: list[str] = []
+    ids: list[pa.Array] = []
+    writer = None
+    rows_in_file = total = 0
+    fs, base = storage.filesystem(dest)
+    fs.create_dir(base, recursive=True)
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            if writer is None or rows_in_file >= rows_per_file:
+                if writer is not None:
+                    writer.close()
+                name = f"part-{len(files):05d}.parquet"
+                files.append(storage.join(dest, name))
+                writer = pq.ParquetWriter(f"{base.rstrip('/')}/{name}", CATALOG_SCHEMA, filesystem=fs)
+                rows_in_file = 0
+            writer.write_batch(batch, row_group_size=GROUP_ROWS)
+            rows_in_file += batch.num_rows
+            total += batch.num_rows
+            if check_duplicates:
+                ids.append(batch.column("image_id"))
+    finally:
+        if writer is not None:
+            writer.close()
+    if check_duplicates and ids:
+        _raise_on_duplicates(pa.chunked_array(ids, pa.string()), source)
+    return Snapshot(tuple(files), total)
+
+
+def _raise_on_duplicates(ids: pa.ChunkedArray, source: str) -> None:
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    dup_mask = pc.greater(counts.field("counts"), 1)
+    dups = counts.filter(dup_mask)
+    examples = ", ".join(repr(v) for v in dups.field("values")[:5].to_pylist())
+    raise CatalogError(
+        f"{storage.redact(source)}: {len(dups)} image_id value(s) appear more than once (e.g. {examples}); "
+        "image_id must be unique"
+    )
+
+
+def row_groups(files: Iterable[str]) -> list[tuple[str, int, int]]:
+    """(file, row group index, rows) of every row group of the snapshot files (footers only)."""
+    out = []
+    for file in files:
+        fs, path = storage.filesystem(file)
+        with fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f).metadata
+        out += [(file, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+    return out
+
+
+def read_row_group(file: str, index: int, block_rows: int) -> Iterator[pa.Table]:
+    """One snapshot row group as tables of at most block_rows rows."""
+    fs, path = storage.filesystem(file)
+    with fs.open_input_file(path) as f:
+        table = pq.ParquetFile(f).read_row_group(index)
+    for start in range(0, table.num_rows, block_rows):
+        yield table.slice(start, block_rows)
+
+
+def read_snapshot(files: Iterable[str]) -> Iterator[pa.RecordBatch]:
+    for file in files:
+        fs, path = storage.filesystem(file)
+        with fs.open_input_file(path) as f:
+            yield from pq.ParquetFile(f).iter_batches(batch_size=BATCH_ROWS)
+
+
+def without_ids(batches: Iterable[pa.RecordBatch], exclude: pa.Array) -> Iterator[pa.RecordBatch]:
+    """The rows whose image_id is not in `exclude` (used when resuming a run)."""
+    for batch in batches:
+        keep = pc.invert(pc.is_in(batch.column("image_id"), value_set=exclude))
+        out = batch.filter(keep)
+        if out.num_rows:
+            yield out

@@ -1,0 +1,84 @@
+"""What a retag run can be told: `RetagOptions`, the one source of its options, defaults and ranges.
+
+The `mumic retag` flags and the keys of a YAML job config are generated from these fields, and a value
+from either is checked by the same validation (pydantic), with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass
+
+from mumic_core.images import DEFAULT_MAX_PIXELS
+
+from ..storage import DEFAULT_MAX_BYTES
+
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class RetagError(ValueError):
+    """A user-fixable problem with a retag invocation (one line)."""
+
+
+@dataclass(frozen=True)
+class RetagOptions:
+    """Everything about a run besides what (catalog, model) and where (output)."""
+
+    run_id: str | None = Field(
+        None,
+        pattern=RUN_ID_PATTERN,
+        description="id of this run (default: new); reuse a crashed run's id to finish it",
+    )
+    full: bool = Field(False, description="re-tag every image, even those already tagged ok")
+    top_k: int = Field(10, ge=0, description="labels kept per image besides those above threshold")
+    batch_size: int = Field(256, ge=1, description="images per model call (and per decode batch)")
+    concurrency: int | None = Field(
+        None, ge=1, description="inference actors (default: one per GPU, or from the CPU count)"
+    )
+    gpus: int = Field(
+        0,
+        ge=0,
+        description="GPU inference actors to request even if no GPU node is up yet (autoscaling "
+        "clusters); default: one per GPU present",
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="refuse images larger than this (width*height)"
+    )
+    max_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="refuse image files larger than this")
+    run_date: str | None = Field(
+        None, description="partition date YYYY-MM-DD (default: today, UTC; a resumed run keeps its own)"
+    )
+    fetch_threads: int = Field(16, ge=1, description="concurrent reads per fetch task")
+    fetch_concurrency: int | None = Field(
+        None, ge=1, description="fetch tasks at once (default: one per infer actor, at least 2)"
+    )
+    fetch_retry_budget_s: float = Field(
+        60.0, gt=0, description="seconds one image may take to read, retries of throttling included"
+    )
+    fetch_cpus: float = Field(0.25, gt=0, description="Ray CPUs per fetch task (I/O-bound: they share cores)")
+    actor_cpus: float | None = Field(None, gt=0, description="Ray CPUs reserved per inference actor")
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per inference actor")
+    rows_per_part: int = Field(
+        100_000, ge=1, description="rows per staged file (the unit of resume)"
+    )
+    progress: bool = Field(True, description="a progress line on stderr every few seconds")
+
+    @field_validator("run_date")
+    @classmethod
+    def _a_real_date(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            ok = len(value) == 10 and dt.date.fromisoformat(value).isoformat() == value
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"want a date YYYY-MM-DD, got {value!r}")
+        return value
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"

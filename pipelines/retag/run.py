@@ -1,0 +1,334 @@
+"""The nightly re-tagging job: catalog → fetch → decode → infer (actor pool) → staged parts → one commit.
+
+Commit protocol (one retag run = one Delta transaction on `tags`):
+1. The driver streams the pipeline's output into Parquet parts (`staging`): invisible until committed.
+2. When every catalog row is staged exactly once, ONE transaction adds all data files (`commit`), carrying
+   the app transaction `mumic-retag:<run_id>` and the run's summary in its commit metadata.
+3. The `runs` row is appended next (app transaction `mumic-runs:<run_id>`), then staging is removed.
+A crash before 2 leaves nothing visible and a rerun with the same id resumes from the recorded parts;
+a crash between 2 and 3 is repaired by the rerun from the commit metadata; a committed run id is never
+written again. One writer per run id at a time (the nightly scheduler's job).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import pyarrow.compute as pc
+import ray
+
+from mumic_core import checkpoint
+from mumic_core.taxonomy import Taxonomy
+
+from .. import storage
+from ..cluster import ray_session
+from ..progress import Progress
+from ..registry import ModelRef, resolve_model
+from ..tables import iter_ok_hashes
+from . import catalog as catalog_mod
+from .commit import commit_run, ensure_run_row, is_committed, run_row_from_history
+from .dataset import build_dataset
+from .decode import KnownDigests
+from .options import RetagError, RetagOptions, new_run_id
+from .plan import plan_resources
+from .staging import PartWriter, RunStaging, StagedPart
+
+COUNTS = ("rows_ok", "rows_error", "rows_skipped")
+RESUME_KEYS = ("catalog", "model_name", "model_version", "full", "top_k")
+
+Event = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One invocation: what, with which model, where, and how."""
+
+    run_id: str
+    catalog: str
+    catalog_label: str  # the catalog location as recorded (credentials redacted)
+    model: ModelRef
+    config: dict  # the saved model's config.json
+    output: str
+    staging: RunStaging
+    opts: RetagOptions
+    say: Progress
+    event: Event
+
+    @property
+    def tags_uri(self) -> str:
+        return storage.join(self.output, "tags")
+
+    @property
+    def runs_uri(self) -> str:
+        return storage.join(self.output, "runs")
+
+    def summary(self) -> dict:
+        return {
+            "run_id": self.run_id,
+            "output": self.output,
+            "tags_table": self.tags_uri,
+            "runs_table": self.runs_uri,
+            "model_name": self.model.name,
+            "model_version": self.model.version,
+        }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+def run_retag(
+    catalog: str,
+    model: str,
+    output: str,
+    options: RetagOptions | None = None,
+    on_event: Event | None = None,
+    **overrides,
+) -> dict:
+    """Tag every catalog image with `model` into the tables under `output`; returns the run summary.
+
+    `overrides` set RetagOptions fields (run_retag(c, m, o, full=True)). `on_event(name, info)` is called
+    at 'staged' (after each part) and 'before_commit' — where tests inject crashes.
+    """
+    started = time.perf_counter()
+    run = _prepare(catalog, model, output, replace(options or RetagOptions(), **overrides), on_event)
+    if is_committed(run.tags_uri, run.run_id):
+        return _already_committed(run)
+    manifest = _start_or_resume(run)
+    files, todo, rows_resumed = _remaining(run, manifest)
+    t_pipeline = time.perf_counter()
+    processed, first_output_s = _stage_rest(run, manifest, files, todo) if todo > 0 else (0, 0.0)
+    pipeline_s = time.perf_counter() - t_pipeline
+    counts, version = _verify_and_commit(run, manifest)
+    total_s = time.perf_counter() - started
+    run.say(
+        f"run {run.run_id} committed: {counts['rows_ok']} ok, {counts['rows_error']} error, "
+        f"{counts['rows_skipped']} skipped in {total_s:.1f}s → {run.tags_uri}"
+    )
+    return {
+        **run.summary(),
+        **counts,
+        "run_date": manifest["run_date"],
+        "status": "committed",
+        "tags_version": version,
+        "rows_total": manifest["catalog_rows"],
+        "rows_resumed": rows_resumed,
+        "rows_processed": processed,
+        "seconds": round(total_s, 3),
+        "pipeline_seconds": round(pipeline_s, 3),
+        "first_output_seconds": round(first_output_s, 3),  # start-up: actors up, model loaded, first batch
+        "images_per_s": round(processed / pipeline_s, 1) if pipeline_s > 0 and processed else 0.0,
+    }
+
+
+def _prepare(catalog: str, model: str, output: str, opts: RetagOptions, on_event: Event | None) -> Run:
+    """Check the options and resolve the model reference (nothing is written yet)."""
+    run_id = opts.run_id or new_run_id()
+    mref = resolve_model(model)
+    output = storage.normalize(output)
+    return Run(
+        run_id=run_id,
+        catalog=catalog,
+        catalog_label=storage.redact(storage.normalize(catalog)),
+        model=mref,
+        config=checkpoint.read_config(mref.uri),
+        output=output,
+        staging=RunStaging(output, run_id),
+        opts=opts,
+        say=Progress("retag", opts.progress),
+        event=on_event or (lambda name, info: None),
+    )
+
+
+def _already_committed(run: Run) -> dict:
+    """A committed run id is never written twice; a missing runs row (crash after the commit) is repaired."""
+    row = run_row_from_history(run.tags_uri, run.run_id)
+    repaired = bool(row) and ensure_run_row(run.runs_uri, row)
+    run.staging.cleanup()
+    run.say(
+        f"run {run.run_id} is already committed; nothing to do" + (" (runs row repaired)" if repaired else "")
+    )
+    return {
+        **run.summary(),
+        **{k: int((row or {}).get(k) or 0) for k in COUNTS},
+        "status": "already_committed",
+        "runs_row_repaired": repaired,
+        "run_date": (row or {}).get("run_date"),
+        "rows_processed": 0,
+        "seconds": 0.0,
+        "images_per_s": 0.0,
+    }
+
+
+def _start_or_resume(run: Run) -> dict:
+    """The run's manifest: read back when resuming (same settings required), else snapshot the catalog
+    and write it. A run with a manifest has a complete catalog snapshot."""
+    want = {
+        "catalog": run.catalog_label,
+        "model_name": run.model.name,
+        "model_version": run.model.version,
+        "full": run.opts.full,
+        "top_k": run.opts.top_k,
+    }
+    manifest = run.staging.read_manifest()
+    if manifest is not None:
+        _check_resume(manifest, want, run.opts.run_date)
+        run.say(f"run {run.run_id}: resuming ({manifest['catalog_rows']} catalog rows)")
+        return manifest
+    run.say(f"run {run.run_id}: reading catalog {run.catalog_label}")
+    try:
+        snap = catalog_mod.write_snapshot(
+            catalog_mod.iter_catalog(run.catalog),
+            run.staging.path("catalog"),
+            check_duplicates=catalog_mod.is_manifest(run.catalog),
+            source=f"catalog {run.catalog_label}",
+        )
+    except Exception:
+        run.staging.cleanup()  # nothing of this run existed before; leave nothing behind
+        raise
+    taxonomy = Taxonomy.from_dict(run.config["taxonomy"])
+    manifest = {
+        "run_id": run.run_id,
+        "run_date": run.opts.run_date or dt.datetime.now(dt.UTC).date().isoformat(),
+        "started_at": _now(),
+        **want,
+        "model_uri": storage.redact(run.model.uri),
+        "taxonomy": taxonomy.names,
+        "taxonomy_sha256": taxonomy.sha256,
+        "catalog_files": list(snap.files),
+        "catalog_rows": snap.num_rows,
+    }
+    run.staging.write_manifest(manifest)
+    return manifest
+
+
+def _check_resume(manifest: dict, want: dict, explicit_date: str | None) -> None:
+    for key in RESUME_KEYS:
+        if manifest.get(key) != want[key]:
+            raise RetagError(
+                f"run id {manifest['run_id']} was started with {key}={manifest.get(key)!r}, not {want[key]!r}; "
+                "rerun it with the same settings or use a new --run-id"
+            )
+    if explicit_date and explicit_date != manifest["run_date"]:
+        raise RetagError(
+            f"run id {manifest['run_id']} has run_date {manifest['run_date']}, not {explicit_date}"
+        )
+
+
+def _remaining(run: Run, manifest: dict) -> tuple[list[str], int, int]:
+    """(snapshot files, rows) still to process, and the rows already staged by an earlier attempt."""
+    parts = run.staging.parts()
+    rows_resumed = sum(p.rows for p in parts)
+    files, todo = manifest["catalog_files"], manifest["catalog_rows"] - rows_resumed
+    if parts and todo > 0:
+        # only the rows no part holds yet; a fresh snapshot so the pipeline reads nothing twice
+        snap = catalog_mod.write_snapshot(
+            catalog_mod.without_ids(catalog_mod.read_snapshot(files), run.staging.staged_ids(parts)),
+            run.staging.path(f"remaining-{len(parts):06d}"),
+            check_duplicates=False,
+        )
+        files, todo = list(snap.files), snap.num_rows
+    return files, todo, rows_resumed
+
+
+def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[int, float]:
+    """Run the pipeline over the remaining rows, staging its output; (rows processed, first-output s)."""
+    with ray_session():
+        known_ref = _known_digests(run)
+        plan = plan_resources(ray.cluster_resources(), run.opts)
+        run.say(
+            f"run {run.run_id}: {todo} images → {plan.actors} infer actor(s) "
+            f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}), batch {run.opts.batch_size}"
+        )
+        ds = build_dataset(files, todo, run.model.uri, run.config, known_ref, run.opts, plan)
+        writer = PartWriter(
+            run.staging,
+            manifest["run_date"],
+            {
+                "model_name": run.model.name,
+                "model_version": run.model.version,
+                "taxonomy_sha256": manifest["taxonomy_sha256"],
+                "run_id": run.run_id,
+            },
+            run.opts.rows_per_part,
+            first_seq=max((p.seq for p in run.staging.parts()), default=0),
+        )
+        return _drain(run, ds, writer, todo)
+
+
+def _known_digests(run: Run):
+    """The content hashes this model version already tagged ok, in the object store (None with --full)."""
+    if run.opts.full:
+        return None
+    known = KnownDigests.from_hex(iter_ok_hashes(run.tags_uri, run.model.name, run.model.version))
+    run.say(f"incremental: {len(known)} images already tagged ok by {run.model.name}/{run.model.version}")
+    return ray.put(known.digests) if len(known) else None
+
+
+def _drain(run: Run, ds, writer: PartWriter, todo: int) -> tuple[int, float]:
+    def staged(parts: list[StagedPart]) -> None:
+        for part in parts:
+            run.event("staged", {"seq": part.seq, "rows": part.rows})
+
+    processed, first_output_s, t0 = 0, 0.0, time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
+        if not processed:
+            first_output_s = time.perf_counter() - t0
+        processed += batch.num_rows
+        staged(writer.add(batch))
+        elapsed = time.perf_counter() - t0
+        run.say.every(10, f"{processed}/{todo} images, {processed / max(elapsed, 1e-9):.0f} images/s")
+    part = writer.flush()
+    staged([part] if part else [])
+    return processed, first_output_s
+
+
+def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
+    """Exactly once, checked rather than assumed (as many distinct staged ids as catalog rows, no more
+    rows); then the one commit, the runs row, and staging removed."""
+    parts = run.staging.parts()
+    counts = {k: sum(getattr(p, k) for p in parts) for k in COUNTS}
+    staged, distinct = sum(counts.values()), pc.count_distinct(run.staging.staged_ids(parts)).as_py()
+    if not staged == distinct == manifest["catalog_rows"]:
+        raise RuntimeError(
+            f"run {run.run_id}: {staged} rows ({distinct} distinct ids) staged for {manifest['catalog_rows']} "
+            "catalog rows; not committing"
+        )
+    run_row = {
+        "run_id": run.run_id,
+        "run_date": manifest["run_date"],
+        "started_at": manifest["started_at"],
+        "finished_at": _now(),
+        "model_name": run.model.name,
+        "model_version": run.model.version,
+        "taxonomy": json.dumps(manifest["taxonomy"]),
+        "catalog": run.catalog_label,
+        **counts,
+    }
+    run.event("before_commit", {"run_id": run.run_id, **counts})
+    version = commit_run(run.tags_uri, run.run_id, manifest["run_date"], parts, run_row)
+    ensure_run_row(run.runs_uri, run_row)
+    run.staging.cleanup()
+    return counts, version
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"run            {summary['run_id']} ({summary.get('status')})",
+        f"model          {summary['model_name']} version {summary['model_version']}",
+        f"rows ok        {summary.get('rows_ok', 0)}",
+        f"rows error     {summary.get('rows_error', 0)}",
+        f"rows skipped   {summary.get('rows_skipped', 0)}",
+    ]
+    if summary.get("status") == "committed":
+        lines += [
+            f"processed      {summary['rows_processed']} images in {summary['pipeline_seconds']:.1f}s "
+            f"({summary['images_per_s']:.1f} images/s); {summary['rows_resumed']} resumed from staging",
+            f"run date       {summary['run_date']} (tags version {summary['tags_version']})",
+        ]
+    lines += [f"tags table     {summary['tags_table']}", f"runs table     {summary['runs_table']}"]
+    return "\n".join(lines)

@@ -1,0 +1,208 @@
+"""Staging: the pipeline output of a run as Parquet parts, invisible until the run commits.
+
+A part's data file is written inside the `tags` table folder (`run_date=D/part-<run_id>-<seq>.parquet`);
+its skipped ids go to `_staging/<run_id>/skipped/`, and a small JSON record in `_staging/<run_id>/parts/` is
+written last, so a part with a record is complete: a resumed run starts after the recorded parts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import storage
+from ..tables import PARTITION, TAGS_FILE_SCHEMA
+
+# Columns whose min/max go into the commit's per-file stats (short, exact values: safe for data skipping).
+_STATS_MINMAX = (
+    "image_id",
+    "content_sha256",
+    "status",
+    "model_name",
+    "model_version",
+    "taxonomy_sha256",
+    "run_id",
+)
+
+
+@dataclass
+class StagedPart:
+    seq: int
+    data_file: str | None  # path relative to the tags table root
+    data_size: int
+    modification_time: int
+    stats: str
+    rows_ok: int
+    rows_error: int
+    skipped_file: str | None  # URI of the skipped ids' Parquet file
+    rows_skipped: int
+
+    @property
+    def rows(self) -> int:
+        return self.rows_ok + self.rows_error + self.rows_skipped
+
+
+class RunStaging:
+    """The staging area of one run: `<output>/_staging/<run_id>/` plus its data files inside `tags`."""
+
+    def __init__(self, output: str, run_id: str):
+        self.output = storage.normalize(output)
+        self.run_id = run_id
+        self.tags_uri = storage.join(self.output, "tags")
+        self.dir = storage.join(self.output, "_staging", run_id)
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.dir, *parts)
+
+    def read_manifest(self) -> dict | None:
+        text = storage.read_text(self.path("run.json"))
+        return None if text is None else json.loads(text)
+
+    def write_manifest(self, manifest: dict) -> None:
+        storage.write_bytes(self.path("run.json"), json.dumps(manifest, indent=2).encode())
+
+    def parts(self) -> list[StagedPart]:
+        out = []
+        for uri, _ in storage.list_files(self.path("parts")):
+            if uri.endswith(".json"):
+                out.append(StagedPart(**json.loads(storage.read_text(uri) or "{}")))
+        return sorted(out, key=lambda p: p.seq)
+
+    def staged_ids(self, parts: list[StagedPart]) -> pa.Array:
+        """image_id of every staged row (tags rows and skipped rows) of the given parts."""
+        ids: list[pa.ChunkedArray] = []
+        for p in parts:
+            for uri in ([storage.join(self.tags_uri, p.data_file)] if p.data_file else []) + (
+                [p.skipped_file] if p.skipped_file else []
+            ):
+                fs, path = storage.filesystem(uri)
+                ids.append(pq.read_table(path, columns=["image_id"], filesystem=fs).column(0))
+        if not ids:
+            return pa.array([], pa.string())
+        return pa.chunked_array([c for a in ids for c in a.chunks], pa.string()).combine_chunks()
+
+    def cleanup(self) -> None:
+        storage.delete_dir(self.dir)
+
+
+def _stats(table: pa.Table) -> str:
+    stats: dict = {"numRecords": table.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    for name in TAGS_FILE_SCHEMA.names:
+        col = table.column(name)
+        if pa.types.is_string(col.type) or pa.types.is_timestamp(col.type):
+            stats["nullCount"][name] = col.null_count
+        if name in _STATS_MINMAX and col.null_count < len(col):
+            mm = pc.min_max(col)
+            stats["minValues"][name] = mm["min"].as_py()
+            stats["maxValues"][name] = mm["max"].as_py()
+    return json.dumps(stats)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+class PartWriter:
+    """Buffers the pipeline's output on the driver and stages it as parts of `rows_per_part` rows, or
+    fewer when the buffer reaches `max_part_bytes` (wide embeddings and big taxonomies make rows heavy):
+    the driver's memory stays bounded whatever the catalog size."""
+
+    def __init__(
+        self,
+        staging: RunStaging,
+        run_date: str,
+        constants: dict[str, str],
+        rows_per_part: int,
+        first_seq: int = 0,
+        max_part_bytes: int = 256 << 20,
+    ):
+        self.staging = staging
+        self.run_date = run_date
+        self.constants = constants  # model_name, model_version, taxonomy_sha256, run_id
+        self.rows_per_part = rows_per_part
+        self.max_part_bytes = max_part_bytes
+        self.seq = first_seq
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._pending_bytes = 0
+        self.parts: list[StagedPart] = []
+
+    def add(self, batch: pa.Table) -> list[StagedPart]:
+        """Buffer a batch of output rows; returns the parts flushed because of it."""
+        if batch.num_rows:
+            self._pending.append(batch)
+            self._pending_rows += batch.num_rows
+            self._pending_bytes += batch.nbytes
+        flushed = []
+        while self._pending_rows >= self.rows_per_part:
+            flushed.append(self.flush(self.rows_per_part))
+        if self._pending_bytes >= self.max_part_bytes:
+            flushed.append(self.flush())
+        return flushed
+
+    def flush(self, max_rows: int | None = None) -> StagedPart | None:
+        if not self._pending_rows:
+            return None
+        table = pa.concat_tables(self._pending, promote_options="permissive")
+        if max_rows is not None and table.num_rows > max_rows:
+            table, rest = table.slice(0, max_rows), table.slice(max_rows)
+            self._pending, self._pending_rows = [rest], rest.num_rows
+            self._pending_bytes = rest.nbytes
+        else:
+            self._pending, self._pending_rows, self._pending_bytes = [], 0, 0
+        part = self._write_part(table)
+        self.parts.append(part)
+        return part
+
+    def _write_part(self, table: pa.Table) -> StagedPart:
+        self.seq += 1
+        status = table.column("status")
+        is_skipped = pc.fill_null(pc.equal(status, "skipped"), False)
+        tagged = table.filter(pc.invert(is_skipped))
+        skipped = table.filter(is_skipped)
+        name = f"part-{self.staging.run_id}-{self.seq:06d}.parquet"
+        data_file, data_size, stats = None, 0, ""
+        if tagged.num_rows:
+            n = tagged.num_rows
+            columns = []
+            for field in TAGS_FILE_SCHEMA:
+                if field.name in self.constants:
+                    columns.append(pa.nulls(n, field.type).fill_null(self.constants[field.name]))
+                else:
+                    columns.append(tagged.column(field.name).cast(field.type))
+            tagged = pa.Table.from_arrays(columns, schema=TAGS_FILE_SCHEMA)
+            data = _parquet_bytes(tagged)
+            data_file = f"{PARTITION}={self.run_date}/{name}"
+            storage.write_bytes(storage.join(self.staging.tags_uri, data_file), data)
+            data_size, stats = len(data), _stats(tagged)
+        skipped_file = None
+        if skipped.num_rows:
+            skipped_file = self.staging.path("skipped", name)
+            storage.write_bytes(
+                skipped_file, _parquet_bytes(skipped.select(["image_id", "content_sha256"]))
+            )
+        ok = int(pc.sum(pc.fill_null(pc.equal(status, "ok"), False).cast(pa.int64())).as_py() or 0)
+        part = StagedPart(
+            seq=self.seq,
+            data_file=data_file,
+            data_size=data_size,
+            modification_time=int(time.time() * 1000),
+            stats=stats,
+            rows_ok=ok,
+            rows_error=table.num_rows - ok - skipped.num_rows,
+            skipped_file=skipped_file,
+            rows_skipped=skipped.num_rows,
+        )
+        # the record last: a part with a record is complete
+        storage.write_bytes(
+            self.staging.path("parts", f"part-{self.seq:06d}.json"), json.dumps(asdict(part)).encode()
+        )
+        return part

@@ -1,0 +1,71 @@
+"""The output tables' schemas: `tags` (one row per image per run) and `runs` (one row per committed run)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+LABEL_TYPE = pa.struct([pa.field("label", pa.string()), pa.field("score", pa.float32())])
+
+
+LABELS_TYPE = pa.list_(LABEL_TYPE)
+
+
+FLOATS_TYPE = pa.list_(pa.float32())
+
+
+UTC_TS = pa.timestamp("us", tz="UTC")
+
+
+PARTITION = "run_date"
+
+
+TAGS_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("uri", pa.string()),
+        ("content_sha256", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("labels", LABELS_TYPE),
+        ("scores", FLOATS_TYPE),
+        ("embedding", FLOATS_TYPE),
+        ("model_name", pa.string()),
+        ("model_version", pa.string()),
+        ("taxonomy_sha256", pa.string()),
+        ("run_id", pa.string()),
+        ("run_date", pa.string()),
+        ("processed_at", UTC_TS),
+    ]
+)
+
+
+# Data files hold every column but the partition column, whose value lives in the commit (Delta's rule).
+TAGS_FILE_SCHEMA = pa.schema([f for f in TAGS_SCHEMA if f.name != PARTITION])
+
+
+RUNS_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("run_date", pa.string()),
+        ("started_at", UTC_TS),
+        ("finished_at", UTC_TS),
+        ("model_name", pa.string()),
+        ("model_version", pa.string()),
+        ("taxonomy", pa.string()),  # JSON list of label names
+        ("catalog", pa.string()),
+        ("rows_ok", pa.int64()),
+        ("rows_error", pa.int64()),
+        ("rows_skipped", pa.int64()),
+    ]
+)
+
+
+RUN_FIELDS = tuple(RUNS_SCHEMA.names)
+
+
+def retag_app_id(run_id: str) -> str:
+    return f"mumic-retag:{run_id}"
+
+
+def runs_app_id(run_id: str) -> str:
+    return f"mumic-runs:{run_id}"
