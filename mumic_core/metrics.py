@@ -206,14 +206,11 @@ def _summarise_ap(ap: np.ndarray, empty: str) -> dict:
 
 
 def mean_average_precision(
-    scores: np.ndarray,
-    labels: np.ndarray,
-    mask: np.ndarray | None = None,
-    empty: str = "exclude",
-    top_k_classes: int | None = None,
+    scores: np.ndarray, labels: np.ndarray, mask: np.ndarray | None = None, **options
 ) -> float:
-    """Macro mAP over classes; NaN when no class qualifies. See `map_report` for the options."""
-    return map_report(scores, labels, mask=mask, empty=empty, top_k_classes=top_k_classes)["map"]
+    """Macro mAP over classes; NaN when no class qualifies. `options` (empty, top_k_classes) as in
+    `map_report`."""
+    return map_report(scores, labels, mask=mask, **options)["map"]
 
 
 # ----------------------------------------------------------------------------- GAP@k, F1@k

@@ -26,26 +26,6 @@ log = logging.getLogger(__name__)
 ROWS_PER_BLOCK = 128
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: int,

@@ -108,10 +108,6 @@ def alias_version(name: str, alias: str, tracking_uri: str | None = None) -> str
         return None
 
 
-
-
-
-
 def _resolve_registered(ref: str, tracking_uri: str | None, cache_dir: str | None) -> ModelRef:
     """A registry reference → the model folder of that version (+ name and version for the tables).
 

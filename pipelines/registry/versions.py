@@ -29,8 +29,6 @@ EVAL_SPLIT_TAG = "eval_split"
 PYFUNC_NAME = "model"
 
 
-
-
 def _stage(model_dir: str, parent: str) -> str:
     """A local copy of a (local or s3://) model folder named MODEL_FOLDER, as the pyfunc artifact."""
     staged = os.path.join(parent, MODEL_FOLDER)
@@ -59,7 +57,7 @@ def log_model_version(
     """
     import mlflow  # MLflow's fluent API and pyfunc flavour: imported only when a model is logged
 
-    from . import pyfunc
+    from . import pyfunc  # (it subclasses mlflow's PythonModel)
 
     uri = tracking_uri or tracking.tracking_uri()
     c = tracking.client(uri)

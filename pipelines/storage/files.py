@@ -60,7 +60,6 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.write(data)
 
 
-
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -29,26 +29,3 @@ def open_or_create(uri: str, schema: pa.Schema, partition_by: list[str] | None =
         mode="ignore",
         storage_options=storage.delta_storage_options(uri),
     )
-
-
-
-
-
-
-
-
-
-
-
-
-# ---- staging --------------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-

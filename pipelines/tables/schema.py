@@ -19,21 +19,17 @@ UTC_TS = pa.timestamp("us", tz="UTC")
 PARTITION = "run_date"
 
 
+def _strings(*names: str) -> list[tuple[str, pa.DataType]]:
+    return [(name, pa.string()) for name in names]
+
+
 TAGS_SCHEMA = pa.schema(
     [
-        ("image_id", pa.string()),
-        ("uri", pa.string()),
-        ("content_sha256", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
+        *_strings("image_id", "uri", "content_sha256", "status", "error"),
         ("labels", LABELS_TYPE),
         ("scores", FLOATS_TYPE),
         ("embedding", FLOATS_TYPE),
-        ("model_name", pa.string()),
-        ("model_version", pa.string()),
-        ("taxonomy_sha256", pa.string()),
-        ("run_id", pa.string()),
-        ("run_date", pa.string()),
+        *_strings("model_name", "model_version", "taxonomy_sha256", "run_id", "run_date"),
         ("processed_at", UTC_TS),
     ]
 )

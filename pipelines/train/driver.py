@@ -41,34 +41,6 @@ from .worker import train_loop_per_worker
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-# ---- checkpoint state (safetensors + JSON; nothing pickled) ---------------------------------------------
-
-
-
-
-
-
-# ---- the worker loop -------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-# ---- the driver ------------------------------------------------------------------------------------------
-
-
 def _cpus_per_worker(cfg: TrainConfig) -> float:
     """1 CPU per worker, less when that would leave no CPU for the Ray Data tasks that feed them."""
     if cfg.cpus_per_worker:

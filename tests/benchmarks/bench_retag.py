@@ -3,7 +3,7 @@
     .venv/bin/python tests/benchmarks/bench_retag.py [--small 2000] [--large 20000] [--s3 2000] [--out FILE]
 
 Same model (mumic-tiny, untrained: speed does not depend on the weights) and batch size throughout:
-  (a) bare model forward on already-decoded uint8 tensors (the infer stage's own `predict`),
+  (a) bare model forward on already-decoded uint8 tensors (`mumic_core.scoring.Scorer.predict`),
   (b) decode + preprocess alone (JPEG bytes in memory → uint8 [3,H,W]) on every core,
   (c) end-to-end `run_retag` images/s from JPEG files on disk and from a local S3 server (moto),
 efficiency = c / (1 / (1/a + 1/b)): the pipeline against doing (b) then (a) back to back with no overhead.
@@ -115,13 +115,11 @@ def make_catalog(folder: Path, n: int, seed: int) -> Path:
 
 
 def bench_forward(model_dir: Path, pixels: np.ndarray, threads: int) -> float:
-    """(a): images/s of Predictor.predict on decoded uint8 batches."""
-    import torch
+    """(a): images/s of the one scoring path (`Scorer.predict`, what the infer stage runs) on decoded
+    uint8 batches."""
+    from mumic_core.scoring import Scorer
 
-    from pipelines.infer import Predictor
-
-    torch.set_num_threads(threads)
-    pred = Predictor(str(model_dir), num_threads=threads)
+    pred = Scorer.load(str(model_dir), num_threads=threads)
     pred.predict(pixels[:BATCH])  # warm-up
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < MEASURE_S:
@@ -222,7 +220,7 @@ def bench_s3(args, work: Path, model_dir: Path) -> tuple:
         for f in ("model.safetensors", "config.json"):
             client.upload_file(str(model_dir / f), "bench", f"models/tiny/{f}")
         # the server's own ceiling: every object fetched once by the fetch stage's code, 32 in flight
-        from pipelines import fetch
+        from pipelines.retag import fetch
 
         batch = pa.table(
             {"image_id": [r["image_id"] for r in rows], "uri": [f"s3://bench/cat/{r['uri']}" for r in rows]}

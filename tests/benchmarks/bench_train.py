@@ -66,7 +66,8 @@ def bench_plain(pixels, labels, args, threads: int) -> dict:
 def bench_ray(pixels, labels, val, args, workers: int, storage: str) -> dict:
     import ray
 
-    from pipelines.train import TrainConfig, _cpus_per_worker, build_trainer
+    from pipelines.train import TrainConfig, build_trainer
+    from pipelines.train.driver import _cpus_per_worker
 
     # what DecodedSplits.train() hands the trainer: the readable rows' tensors, materialised once
     rows = [
