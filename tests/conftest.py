@@ -135,3 +135,20 @@ def tiny_model_dir(tiny_model_untrained, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "tiny-untrained"
     checkpoint.save(tiny_model_untrained, folder)
     return Path(folder)
+
+
+@pytest.fixture
+def fault_proxy(s3_server, monkeypatch):
+    """A fault-injecting proxy (tests/faults.py) in front of the S3 server, for this test only.
+
+    While it runs AWS_ENDPOINT_URL points at it, so every client built from the environment (and
+    `storage.aws`, which caches one client per endpoint) goes through it; clients given `s3_server`
+    explicitly (like `s3_bucket`'s) still reach moto directly. Use `.set_rules([faults.Rule(...)])`,
+    `.clear()`, `.count(key, method)`; it stops, and moto's endpoint is restored, at teardown.
+    """
+    from faults import FaultProxy
+
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        yield proxy

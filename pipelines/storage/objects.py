@@ -1,7 +1,7 @@
 """Object reads: all bytes of one image (local file or S3 object), bounded in size, with one retry layer.
 
 Failures become a `ReadFailed` with a short reason (`not_found`, `access_denied`, `too_large`,
-`unavailable`, `unreadable`), classified by exception type and AWS error code, never by the text of a
+`unavailable`, `unreadable`) from `read_with_retries`, classified by exception type and AWS error code, never by the text of a
 message (which holds keys and paths: user data). Throttling and transient failures are retried with
 exponential backoff and full jitter inside a total time budget; the SDK itself does not retry.
 """
@@ -16,6 +16,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from botocore import exceptions as boto
+
+from . import aws
 from .paths import normalize
 from .redact import redact
 
@@ -96,8 +99,6 @@ def _aws_code(exc: BaseException) -> tuple[str, int]:
 
 def classify(exc: BaseException, uri: str) -> ReadFailed:
     """Map a filesystem / SDK exception to a reason; `transient` ones are worth retrying."""
-    from botocore import exceptions as boto
-
     if isinstance(exc, ReadFailed):
         return exc
     where = redact(uri)
@@ -122,7 +123,8 @@ def classify(exc: BaseException, uri: str) -> ReadFailed:
         ConnectionError,
         TimeoutError,
         boto.ConnectionError,
-        boto.HTTPClientError,  # connection closed / reset, read timeouts, a body cut short
+        boto.HTTPClientError,  # connection closed / reset, read timeouts, a stream broken off
+        boto.IncompleteReadError,  # a body cut short: fewer bytes than its Content-Length
     )
     if isinstance(exc, transient_types):
         return ReadFailed("unavailable", f"{where}: {name}", transient=True)
@@ -140,21 +142,35 @@ def _read_local(path: str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_s3(uri: str, max_bytes: int) -> bytes:
-    from . import aws
+def _read_to_end(body, limit: int) -> bytes:
+    """At most `limit` bytes of a botocore stream, reading until it ends: one read may return fewer bytes
+    than asked (a body cut short does), and botocore checks Content-Length only when the stream ends
+    (IncompleteReadError)."""
+    parts, n = [], 0
+    while n < limit:
+        chunk = body.read(limit - n)
+        if not chunk:
+            break
+        parts.append(chunk)
+        n += len(chunk)
+    return b"".join(parts)
 
+
+def _read_s3(uri: str, max_bytes: int) -> bytes:
     bucket, _, key = uri[len("s3://") :].partition("/")
     response = aws.boto_s3().get_object(Bucket=bucket, Key=key)
     size = int(response.get("ContentLength") or 0)
     body = response["Body"]
     try:
-        if size > max_bytes:
+        if size > max_bytes:  # refused from the headers: the body is never downloaded
             raise ReadFailed("too_large", f"{size} bytes > limit {max_bytes}")
-        data = body.read(max_bytes + 1)
+        data = _read_to_end(body, max_bytes + 1)
     finally:
         body.close()
     if len(data) > max_bytes:
         raise ReadFailed("too_large", f"more than {max_bytes} bytes")
+    if size and len(data) != size:  # never hand on a cut-short image as if it were whole
+        raise ReadFailed("unavailable", f"{redact(uri)}: body cut short", transient=True)
     return data
 
 
@@ -174,8 +190,10 @@ def read_with_retries(
     policy: RetryPolicy = RetryPolicy(),
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    rng: Callable[[], float] = random.random,
 ) -> bytes:
-    """read_object, retried on transient failures per `policy`; raises ReadFailed."""
+    """read_object, retried on transient failures per `policy`; raises ReadFailed. `sleep`, `clock` and
+    `rng` (uniform in [0, 1), the jitter) are the real ones unless a test needs them predictable."""
     started = clock()
     attempt = 0
     while True:
@@ -186,7 +204,7 @@ def read_with_retries(
         if not failure.transient:
             raise failure from None
         attempt += 1
-        wait = policy.delay(attempt - 1)
+        wait = policy.delay(attempt - 1, rng)
         if attempt >= policy.attempts or clock() - started + wait > policy.budget_s:
             failure.detail = f"{failure.detail} (gave up after {attempt} attempts, {clock() - started:.1f}s)"
             raise failure from None

@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mumic_core import synthetic
-from mumic_core import scoring
-from pipelines import storage, tables
-from pipelines.retag import catalog, commit, decode, fetch, infer, staging
+from mumic_core import scoring, synthetic
+from pipelines import tables
+from pipelines.retag import catalog, commit, decode, fetch, infer
+from pipelines.retag.staging import PartWriter, RunStaging, StagedPart
 
 # ---- helpers --------------------------------------------------------------------------------------------
 
@@ -139,54 +139,6 @@ def test_fetch_reads_local_files_and_turns_missing_ones_into_not_found_rows(tmp_
     assert out["data"] == [b"abc", None]
     assert out["status"] == [None, "error"]
     assert out["error"][0] is None and out["error"][1].startswith("not_found: ")
-
-
-def test_fetch_retries_throttling_with_exponential_backoff_then_succeeds(monkeypatch):
-    calls, sleeps = [], []
-
-    def flaky(uri, max_bytes):
-        calls.append(uri)
-        if len(calls) < 3:
-            raise OSError("When reading information for key 'k': AWS Error SLOW_DOWN (HTTP status 503)")
-        return b"bytes"
-
-    monkeypatch.setattr(fetch, "read_object", flaky)
-    data = fetch.fetch_one("s3://b/k", fetch.FetchOptions(backoff_s=0.1), sleep=sleeps.append)
-    assert data == b"bytes" and len(calls) == 3
-    assert (
-        len(sleeps) == 2 and 0.05 <= sleeps[0] <= 0.1 and 0.1 <= sleeps[1] <= 0.2 and sleeps[1] >= sleeps[0]
-    )
-
-
-def test_fetch_gives_up_on_persistent_throttling_as_an_unavailable_error_row(monkeypatch):
-    calls = []
-
-    def throttled(uri, max_bytes):
-        calls.append(uri)
-        raise OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your request rate.")
-
-    monkeypatch.setattr(fetch, "read_object", throttled)
-    monkeypatch.setattr(fetch.time, "sleep", lambda s: None)
-    out = fetch.fetch_batch(catalog_table([("a", "s3://b/a.jpg")]), fetch.FetchOptions(retries=3, threads=1))
-    assert len(calls) == 4
-    assert out.column("status").to_pylist() == ["error"]
-    assert (
-        out.column("error")[0].as_py().startswith("unavailable: s3://b/a.jpg")
-        and "4 attempts" in out.column("error")[0].as_py()
-    )
-
-
-def test_fetch_access_denied_becomes_an_error_row_without_retrying(monkeypatch):
-    calls = []
-
-    def denied(uri, max_bytes):
-        calls.append(uri)
-        raise OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied")
-
-    monkeypatch.setattr(fetch, "read_object", denied)
-    out = fetch.fetch_batch(catalog_table([("a", "s3://b/a.jpg")]))
-    assert len(calls) == 1
-    assert out.column("error")[0].as_py().startswith("access_denied: s3://b/a.jpg")
 
 
 def test_fetch_refuses_files_above_max_bytes(tmp_path):
@@ -348,9 +300,9 @@ def pipeline_output(ids: list[str], statuses: list[str]) -> pa.Table:
 CONSTANTS = {"model_name": "m", "model_version": "v1", "taxonomy_sha256": "t" * 64, "run_id": "r1"}
 
 
-def staged_run(output: Path, rows_per_part: int) -> tuple[staging.RunStaging, list[staging.StagedPart]]:
-    staging = staging.RunStaging(str(output), "r1")
-    writer = staging.PartWriter(staging, "2026-01-02", CONSTANTS, rows_per_part)
+def staged_run(output: Path, rows_per_part: int) -> tuple[RunStaging, list[StagedPart]]:
+    staging = RunStaging(str(output), "r1")
+    writer = PartWriter(staging, "2026-01-02", CONSTANTS, rows_per_part)
     ids = [f"i{k}" for k in range(7)]
     statuses = ["ok", "ok", "error", "skipped", "ok", "ok", "skipped"]
     writer.add(pipeline_output(ids[:5], statuses[:5]))
@@ -424,8 +376,8 @@ def test_runs_row_is_written_once_and_can_be_rebuilt_from_the_tags_commit(tmp_pa
 
 
 def test_part_writer_bounds_its_buffer_by_bytes_as_well_as_rows(tmp_path):
-    staging = staging.RunStaging(str(tmp_path), "r1")
-    writer = staging.PartWriter(staging, "2026-01-02", CONSTANTS, rows_per_part=1000, max_part_bytes=1)
+    staging = RunStaging(str(tmp_path), "r1")
+    writer = PartWriter(staging, "2026-01-02", CONSTANTS, rows_per_part=1000, max_part_bytes=1)
     flushed = [len(writer.add(pipeline_output([f"a{k}", f"b{k}"], ["ok", "error"]))) for k in range(3)]
     assert flushed == [1, 1, 1] and writer.flush() is None  # every batch went straight to a part
     assert [p.rows_ok + p.rows_error for p in staging.parts()] == [2, 2, 2]
