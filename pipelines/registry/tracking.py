@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from .. import storage
+from ..progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -202,12 +203,13 @@ class EpochLogger(_RayCallback):
         self.run_id = run_id
         self.epochs = epochs
         self._client = None
+        self._say = Progress("train")
 
     def after_report(self, run_context, metrics, checkpoint) -> None:
         m = metrics[0] if metrics else {}
         if "epoch" not in m:
             return
-        print(f"[mumic train] {epoch_line(m, self.epochs)}", flush=True)
+        self._say(epoch_line(m, self.epochs))
         try:
             if self._client is None:
                 self._client = client(self.tracking_uri)

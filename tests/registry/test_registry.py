@@ -11,6 +11,7 @@ import pytest
 from mumic_core import checkpoint, synthetic
 from mumic_core.images import load_for_model
 from mumic_core.model import ModelError
+from mumic_core.scoring import Scorer
 from pipelines import registry
 from pipelines.registry import tracking
 
@@ -140,5 +141,15 @@ def test_pyfunc_scores_image_uris_and_bytes_like_the_model(store, model_folder, 
     np.testing.assert_allclose(by_uri[names].to_numpy(), expected, atol=1e-5)
     np.testing.assert_allclose(by_bytes[names].to_numpy()[:5], expected, atol=1e-5)
     assert by_bytes["error"].iloc[-1].startswith("not_an_image") and by_uri["error"].isna().all()
-    zero_shot = pyfunc.predict(pd.DataFrame({"image": blobs}), params={"labels": ["purple", "red"]})
+    labels = ["purple", "red"]
+    zero_shot = pyfunc.predict(pd.DataFrame({"image": blobs + [b"not an image"]}), params={"labels": labels})
     assert list(zero_shot.columns) == ["purple", "red", "error"]
+    # the zero-shot values are the scorer's own for those label strings, not the taxonomy's columns
+    scorer = Scorer.load(model_folder, device="cpu")
+    expected_zs = scorer.predict(np.stack([scorer.pixels(b) for b in blobs]), labels=labels).scores
+    assert expected_zs.shape == (5, 2)
+    np.testing.assert_allclose(zero_shot[labels].to_numpy()[:5], expected_zs, atol=1e-5)
+    assert zero_shot[labels].iloc[-1].isna().all() and zero_shot["error"].iloc[-1].startswith("not_an_image")
+    assert zero_shot["error"].iloc[:5].isna().all()
+    # the prompt-templated label "red" scored zero-shot is the taxonomy's own "red" column
+    np.testing.assert_allclose(zero_shot["red"].to_numpy()[:5], expected[:, names.index("red")], atol=1e-5)

@@ -18,8 +18,9 @@ from PIL import Image
 
 from mumic_core import synthetic
 from pipelines import tables
-from pipelines.retag.catalog import CatalogError
 from pipelines.retag import RetagError, run_retag
+from pipelines.retag import run as retag_run
+from pipelines.retag.catalog import CatalogError
 
 N_IMAGES = 24
 
@@ -126,6 +127,72 @@ def test_retag_writes_one_row_per_catalog_image_with_the_contract_schema(
             and row["model_version"] == summary["model_version"]
         )
     assert not (output / "_staging" / "first").exists()
+
+
+# Distinct per-class thresholds: the label rule must index each class's own threshold, not a shared one.
+CUSTOM_THRESHOLDS = (0.55, 0.3, 0.85, 0.2, 0.7, 0.45, 0.6, 0.25)
+
+
+@pytest.fixture(scope="module")
+def thresholded_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    from mumic_core import checkpoint
+
+    model = checkpoint.load(tiny_model_dir, map_location="cpu")
+    assert len(CUSTOM_THRESHOLDS) == len(model.taxonomy)
+    model.set_thresholds(CUSTOM_THRESHOLDS)
+    folder = tmp_path_factory.mktemp("models") / "tiny-thresholded"
+    checkpoint.save(model, folder)
+    return Path(folder)
+
+
+def expected_labels(scores: np.ndarray, thresholds: np.ndarray, names: list[str], top_k: int) -> list:
+    """The contract's rule written out: every label at/above its threshold plus the top-k, best first
+    (ties in label order)."""
+    ranked = sorted(range(len(names)), key=lambda c: (-scores[c], c))
+    keep = [c for rank, c in enumerate(ranked) if rank < top_k or scores[c] >= thresholds[c]]
+    return [(names[c], float(scores[c])) for c in keep]
+
+
+def test_retag_stores_the_models_own_scores_embeddings_and_the_label_rule(
+    image_catalog, thresholded_model_dir, ray_cluster, tmp_path
+):
+    from mumic_core.scoring import Scorer
+
+    folder, rows = image_catalog
+    top_k = 2
+    output = tmp_path / "out"
+    summary = retag(
+        folder / "catalog.parquet", thresholded_model_dir, output, run_id="values", top_k=top_k, batch_size=8
+    )
+    assert summary["status"] == "committed" and summary["rows_ok"] == N_IMAGES
+    stored = {r["image_id"]: r for r in tags_of(output, "values").to_pylist()}
+    assert set(stored) == {r["image_id"] for r in rows}
+
+    scorer = Scorer.load(thresholded_model_dir, device="cpu")
+    names, thresholds = scorer.names, scorer.thresholds
+    np.testing.assert_allclose(thresholds, CUSTOM_THRESHOLDS, atol=1e-7)  # the model folder kept them
+    pixels = np.stack([scorer.pixels((folder / r["uri"]).read_bytes()) for r in rows])
+    own = scorer.predict(pixels)
+    assert own.names == names
+
+    n_above = []
+    for i, r in enumerate(rows):
+        row = stored[r["image_id"]]
+        assert row["status"] == "ok", row["error"]
+        scores = np.asarray(row["scores"], dtype=np.float32)
+        np.testing.assert_allclose(scores, own.scores[i], atol=1e-5, err_msg=r["image_id"])
+        np.testing.assert_allclose(row["embedding"], own.embeddings[i], atol=1e-5, err_msg=r["image_id"])
+        # the rule, applied to the stored scores (equal to the model's to 1e-5, checked above)
+        got = [(lb["label"], lb["score"]) for lb in row["labels"]]
+        want = expected_labels(scores, thresholds, names, top_k)
+        assert [n for n, _ in got] == [n for n, _ in want], r["image_id"]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in want], atol=1e-7)
+        # and to the model's own scores, wherever no score sits within 1e-5 of its threshold
+        if np.abs(own.scores[i] - thresholds).min() > 1e-5:
+            assert [n for n, _ in got] == [n for n, _ in expected_labels(own.scores[i], thresholds, names, top_k)]
+        n_above.append(int((scores >= thresholds).sum()))
+    # the catalog exercises both halves of the rule: rows kept only by top-k, rows with more than top-k
+    assert min(n_above) < top_k and max(n_above) > top_k, n_above
 
 
 def test_retag_records_the_committed_run_in_the_runs_table(first_run, tiny_model_untrained):
@@ -249,7 +316,7 @@ def test_retag_repairs_a_missing_runs_row_when_a_run_crashed_right_after_its_com
         raise Crash("simulated crash between the tags commit and the runs row")
 
     with monkeypatch.context() as m:
-        m.setattr(tables, "ensure_run_row", crash)
+        m.setattr(retag_run, "ensure_run_row", crash)
         with pytest.raises(Crash):
             retag(folder / "catalog.parquet", tiny_model_dir, output, run_id="half")
     assert tags_of(output, "half").num_rows == N_IMAGES and runs_of(output) == []

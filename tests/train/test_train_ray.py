@@ -167,13 +167,38 @@ def test_registered_version_loads_by_alias_with_the_checkpoint_scores(trained, s
     np.testing.assert_allclose(checkpoint.load(ref.uri).score(pixels).numpy(), expected, atol=1e-6)
 
 
-def test_thresholds_tuned_on_validation_are_saved_with_the_model(trained):
+def _val_split(s3_dataset):
+    """The readable validation rows as training saw them (unseen labels dropped and masked out)."""
+    taxonomy = synthetic.taxonomy(unseen=UNSEEN)
+    return annotations.load(s3_dataset["annotations"], taxonomy).without(["broken", "missing"]).split("val")
+
+
+def test_thresholds_tuned_on_validation_are_saved_with_the_model(trained, s3_dataset):
+    from mumic_core.scoring import Scorer
+
     result, _, _ = trained
     cfg = checkpoint.read_config(result.model_dir)
     thresholds = dict(zip(synthetic.taxonomy().names, cfg["thresholds"], strict=True))
     assert thresholds["yellow"] == 0.5  # unseen: no validation truth, default kept
     assert any(abs(t - 0.5) > 1e-3 for name, t in thresholds.items() if name != "yellow")
     assert cfg["epoch"] == result.best_epoch
+
+    # Recompute them: the worker tunes on the best epoch's validation scores, then saves the model with
+    # those weights; thresholds do not change scores, so the saved model gives the same validation scores.
+    val = _val_split(s3_dataset)
+    assert len(val) == N_VAL
+    scorer = Scorer.load(result.model_dir, device="cpu")
+    pixels = np.stack([scorer.pixels(storage.read_bytes(u)) for u in val.frame["uri"]])
+    scores = scorer.predict(pixels).scores
+    labels, mask = val.label_matrix(), val.known_mask()
+    expected = metrics.tune_thresholds(scores, labels, mask=mask)
+    np.testing.assert_allclose(np.asarray(cfg["thresholds"]), expected, atol=1e-5)
+    np.testing.assert_allclose(scorer.thresholds, expected, atol=1e-5)  # what the model scores with
+    # ... and those are the scores the best epoch was validated (and selected) on
+    best = next(h for h in result.history if h["epoch"] == result.best_epoch)
+    val_report = metrics.evaluate_all(scores, labels, class_names=scorer.names, mask=mask)
+    for key in metrics.HEADLINE:
+        assert best[f"val_{key}"] == pytest.approx(val_report[key], abs=1e-5), key
 
 
 def test_mlflow_run_holds_config_metrics_and_report_artifacts_but_no_secrets(trained):
@@ -242,20 +267,122 @@ def test_mumic_evaluate_prints_metrics_and_zero_shot_scores_for_unseen_labels(
     assert "test: map " in out and "gap_at_10" in out and "f1_at_5" in out
     assert "zsl_map" in out and "gzsl_map" in out
     assert "yellow" in out  # per-class AP, the unseen label included
+    printed, per_class, positives, n_images = _parse_evaluate_output(out)
+
+    # The same numbers, computed here: the registered model scores the test split through Scorer, and
+    # mumic_core.metrics (evaluate_all, zsl_gzsl) turns the scores into metrics.
+    from mumic_core.scoring import Scorer
+    from mumic_core.taxonomy import Taxonomy
+    from pipelines.registry import resolve_model
+
+    ref = resolve_model(f"models:/{MODEL_NAME}@candidate", tracking_uri=result.tracking_uri)
+    taxonomy = Taxonomy.from_dict(checkpoint.read_config(ref.uri)["taxonomy"])
+    assert [lb.name for lb in taxonomy.labels if lb.unseen] == list(UNSEEN)
+    test = annotations.load(s3_dataset["annotations"], taxonomy, drop_unseen=False, require=()).split("test")
+    assert len(test) == N_TEST
+    scorer = Scorer.load(ref.uri, device="cpu")
+    scores = scorer.predict(np.stack([scorer.pixels(storage.read_bytes(u)) for u in test.frame["uri"]])).scores
+    labels, mask = test.label_matrix(), test.known_mask()
+    expected = metrics.evaluate_all(scores, labels, class_names=taxonomy.names, mask=mask)
+    unseen = np.asarray(taxonomy.unseen_mask, dtype=bool)
+    expected.update(metrics.zsl_gzsl(scores, labels, unseen, mask=mask))
+
+    assert n_images == N_TEST
+    want = (*metrics.HEADLINE, "zsl_map", "zsl_f1_at_3", "gzsl_map", "gzsl_f1_at_3")
+    assert set(want) <= set(printed), sorted(printed)
+    for key, value in printed.items():  # printed with 4 decimals
+        assert value == pytest.approx(expected[key], abs=1e-4), key
+    assert list(per_class) == taxonomy.names
+    for name, ap in per_class.items():
+        assert ap == pytest.approx(expected["per_class_ap"][name], abs=1e-4, nan_ok=True), name
+    assert not np.isnan(per_class["yellow"])  # the unseen label has positives in the test split
+    assert positives == dict(zip(taxonomy.names, (int(v) for v in (labels * mask).sum(axis=0)), strict=True))
     from mlflow import MlflowClient
 
     runs = MlflowClient(result.tracking_uri).search_runs(
         [MlflowClient(result.tracking_uri).get_experiment_by_name("mumic-evaluate").experiment_id]
     )
     assert runs and "test_map" in runs[0].data.metrics
+    logged = runs[0].data.metrics
+    for key in want:
+        assert logged[f"test_{key}"] == pytest.approx(expected[key], abs=1e-5), key
+
+
+def _parse_evaluate_output(out: str) -> tuple[dict, dict, dict, int]:
+    """`mumic evaluate` text → (metric → value, label → AP (NaN for n/a), label → positives, n_images)."""
+    import math
+    import re
+
+    lines = out.splitlines()
+    (headline,) = [ln for ln in lines if ln.startswith("test: ")]
+    printed = {k: float(v) for k, v in re.findall(r"(\w+) (-?\d+\.\d{4}|nan)\b", headline)}
+    n_images = int(re.search(r"\((\d+) images\)", headline).group(1))
+    for ln in lines:
+        m = re.fullmatch(r"((?:zsl|gzsl)_\w+) (-?\d+\.\d{4}|nan)", ln.strip())
+        if m:
+            assert float(m.group(2)) == pytest.approx(printed.get(m.group(1), float(m.group(2))), nan_ok=True)
+            printed[m.group(1)] = float(m.group(2))
+    per_class, positives = {}, {}
+    for ln in lines:
+        m = re.fullmatch(r"  (.+?)\s+AP\s+(\S+)\s+\((\d+) positives\)", ln)
+        if m:
+            per_class[m.group(1)] = math.nan if m.group(2) == "n/a" else float(m.group(2))
+            positives[m.group(1)] = int(m.group(3))
+    return printed, per_class, positives, n_images
 
 
 def test_rerunning_the_same_run_name_resumes_and_registers_nothing_new(trained):
     from pipelines.train import train
 
     result, cfg, _ = trained
+    client = _client(result)
+    per_epoch = ("val_map", "loss", "train_samples", "train_seconds")
+    logged_before = {k: _metric_history(client, result.run_id, k) for k in per_epoch}
+    checkpoints_before = _checkpoint_objects(cfg)
+    assert sum(k.endswith("/train_state.json") for k in checkpoints_before) >= 1
+
     cfg.fault = None
     again = train(cfg)  # Ray finds the finished run's checkpoints: no epoch trains again
     assert again.run_id == result.run_id
     assert again.epochs == EPOCHS and again.model_version == result.model_version
     assert len(_client(result).search_model_versions(f"name = '{MODEL_NAME}'")) == 1
+
+    # A full retrain would also give 4 epochs; resuming gives the *same* epochs. Every per-epoch record
+    # (loss, val metrics, and the wall-clock seconds no retrain could reproduce) is the first run's.
+    assert [h["epoch"] for h in again.history] == list(range(1, EPOCHS + 1))
+    assert again.history == result.history
+    for h in again.history:
+        assert h["train_seconds"] > 0 and "val_map" in h and "loss" in h
+    # nothing was trained, validated or checkpointed again: no epoch was logged twice to MLflow, and the
+    # checkpoint objects in S3 are the very same (same keys, same ETags)
+    for key in per_epoch:
+        assert _metric_history(client, result.run_id, key) == logged_before[key], key
+    assert [v for _, v, _ in logged_before["val_map"]] == pytest.approx([h["val_map"] for h in result.history])
+    assert _checkpoint_objects(cfg) == checkpoints_before
+    # the same best checkpoint, evaluated to the same numbers
+    assert (again.best_epoch, again.model_dir) == (result.best_epoch, result.model_dir)
+    for key in metrics.HEADLINE:
+        assert again.val.metrics[key] == pytest.approx(result.val.metrics[key], abs=1e-6), key
+        assert again.test.metrics[key] == pytest.approx(result.test.metrics[key], abs=1e-6), key
+
+
+def _metric_history(client, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+
+
+def _checkpoint_objects(cfg) -> dict[str, str]:
+    """{key: ETag} of every checkpoint file (train state, optimizer, model folder) of the run in S3."""
+    import boto3
+
+    from pipelines.train import STATE
+
+    bucket, prefix = cfg.storage_path.removeprefix("s3://").split("/", 1)
+    prefix = f"{prefix.rstrip('/')}/{cfg.run_name}/"
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    objects = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if key.endswith(f"/{STATE}") or "/optimizer." in key or "/model/" in key:
+                objects[key] = obj["ETag"]
+    return objects
