@@ -1,112 +1,141 @@
-"""The `mumic` command line. Each command lives in its own `jobs/cmd_*.py` module exposing
-`NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int`.
+"""The `mumic` command line. Each command is a `jobs/cmd_*.py` module exposing `NAME`, `HELP`, optional
+`DESCRIPTION` and `GROUPS`, `options()` (its pydantic dataclasses, imported when the command is used) and
+`run(*instances) -> int`, called with one instance of each of those dataclasses.
 
 Options can also come from a YAML job config (`--config FILE`, keys = option names with underscores);
-flags given on the command line override it. Errors a user can cause exit non-zero with one line on stderr.
+flags given on the command line override it, and both are validated the same way (`jobs.options`).
+Errors a user can cause exit non-zero with one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-COMMANDS = ("quickstart", "train", "evaluate", "promote", "retag", "tag", "search", "runs")
+from jobs import (
+    cmd_evaluate,
+    cmd_promote,
+    cmd_quickstart,
+    cmd_retag,
+    cmd_runs,
+    cmd_search,
+    cmd_tag,
+    cmd_train,
+    options,
+)
+from jobs.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
+from jobs.options import Option, load_job_config
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+COMMANDS = (cmd_quickstart, cmd_train, cmd_evaluate, cmd_promote, cmd_retag, cmd_tag, cmd_search, cmd_runs)
+_BY_NAME = {mod.NAME: mod for mod in COMMANDS}
+
+__all__ = [
+    "COMMANDS",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "Invocation",
+    "UserError",
+    "build_parser",
+    "command_fields",
+    "load_job_config",
+    "main",
+    "parse",
+]
 
 
-class UserError(Exception):
-    """An error the user can fix; printed as one line, exit status 1 (or `.code`)."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.code = code
+def command_fields(name: str) -> dict[str, Option]:
+    """The options of command `name` by field name (= job-config key): flag, required, default, help."""
+    return options.fields(_BY_NAME[name].options())
 
 
-def _load_module(name: str):
-    return importlib.import_module(f"jobs.cmd_{name}")
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser. Its options are added when it is first used, so that `mumic --help` (or one
+    command) does not import every pipeline."""
+
+    def __init__(self, *args: Any, command: Any = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.mumic_command, self.mumic_loaded = command, command is None
+
+    def _load(self) -> None:
+        if not self.mumic_loaded:
+            self.mumic_loaded = True
+            mod = self.mumic_command
+            options.add_options(self, command_fields(mod.NAME), getattr(mod, "GROUPS", {}))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._load()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._load()
+        return super().format_help()
 
 
-def load_job_config(path: str) -> dict[str, Any]:
-    import yaml
-
-    from pipelines import storage
-
-    try:
-        data = yaml.safe_load(storage.read_bytes(path).decode("utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}", EXIT_USAGE) from None
-    except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}", EXIT_USAGE) from None
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of option: value", EXIT_USAGE)
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(allow_abbrev: bool = True) -> argparse.ArgumentParser:
+    """`allow_abbrev=False`: a flag must be spelled out (what a job definition should be checked with)."""
     parser = argparse.ArgumentParser(
         prog="mumic",
         description="Tag large image catalogs with many labels per image, and compute their embeddings.",
+        allow_abbrev=allow_abbrev,
     )
     parser.add_argument("--log-level", default=os.environ.get("MUMIC_LOG_LEVEL", "WARNING"))
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMANDS:
-        try:
-            mod = _load_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == f"jobs.cmd_{name}":
-                continue  # command not built yet
-            raise
-        p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
+    for mod in COMMANDS:
+        p = sub.add_parser(
+            mod.NAME,
+            help=mod.HELP,
+            description=getattr(mod, "DESCRIPTION", mod.HELP),
+            allow_abbrev=allow_abbrev,
+            command=mod,
+        )
         p.add_argument("--config", help="YAML job config; command-line flags override its values")
-        mod.add_arguments(p)
-        p.set_defaults(_run=mod.run, _parser=p)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
-    # Required options may come from the --config file, which is only known after a first parse: that
-    # parse requires nothing; the second one requires what neither the flags nor the file gave.
-    required = [
-        action
-        for group in parser._actions
-        if isinstance(group, argparse._SubParsersAction)
-        for sub in group.choices.values()
-        for action in sub._actions
-        if action.required
-    ]
-    for action in required:
-        action.required = False
-    args = parser.parse_args(argv)
-    if getattr(args, "command", None) is None:
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """A parsed, validated command line: the command and one instance of each of its dataclasses."""
+
+    command: str
+    options: tuple
+    log_level: str = "WARNING"
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every option's value by field name."""
+        return {k: v for o in self.options for k, v in dataclasses.asdict(o).items()}
+
+
+def parse(argv: Sequence[str] | None = None, allow_abbrev: bool = True) -> Invocation:
+    """The command line (and its --config file) as typed options; `UserError` (exit 2) when invalid."""
+    parser = build_parser(allow_abbrev)
+    ns = parser.parse_args(argv)
+    if ns.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(EXIT_USAGE)
-    cfg: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        sub: argparse.ArgumentParser = args._parser
-        cfg = load_job_config(args.config)
-        known = {a.dest for a in sub._actions}
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise UserError(f"config file {args.config}: unknown options {unknown}", EXIT_USAGE)
-        sub.set_defaults(**cfg)  # the file's values as defaults: flags still override them
-    for action in required:
-        action.required = action.dest not in cfg
-    return parser.parse_args(argv)
+    known = command_fields(ns.command)
+    given = {k: v for k, v in vars(ns).items() if k in known}
+    config = load_job_config(ns.config) if ns.config else {}
+    instances = options.build(_BY_NAME[ns.command].options(), given, config, ns.config)
+    return Invocation(ns.command, instances, ns.log_level)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = parse_args(argv)
-        logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+        inv = parse(argv)
+        logging.basicConfig(level=getattr(logging, str(inv.log_level).upper(), logging.WARNING),
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return int(args._run(args) or 0)
+        return int(_BY_NAME[inv.command].run(*inv.options) or EXIT_OK)
     except UserError as e:
         print(f"mumic: error: {e}", file=sys.stderr)
         return e.code
@@ -114,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mumic: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-fixable errors from the library are typed ValueErrors with one line
+        # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+        # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
         from mumic_core.images import ImageError
         from mumic_core.model import ModelError
         from mumic_core.taxonomy import TaxonomyError

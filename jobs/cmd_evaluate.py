@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from typing import Literal
 
-from jobs.cli import UserError
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from jobs.errors import UserError
 
 NAME = "evaluate"
 HELP = (
@@ -20,25 +23,29 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--annotations", required=True, help="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]"
-    )
-    p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder"
-    )
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"), help="default: test")
-    p.add_argument("--experiment", default="mumic-evaluate", help="MLflow experiment ('' to skip logging)")
-    p.add_argument("--workdir", help="folder of the default mlflow.db (default: cwd)")
-    p.add_argument("--use-gpu", action="store_true", help="score on a GPU")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+@dataclass(frozen=True)
+class EvaluateArgs:
+    annotations: str = Field(description="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]")
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
+    split: Literal["train", "val", "test", "all"] = Field("test", description="which rows to score")
+    experiment: str = Field("mumic-evaluate", description="MLflow experiment ('' to skip logging)")
+    workdir: str | None = Field(None, description="folder of the default mlflow.db (default: cwd)")
+    use_gpu: bool = Field(False, description="score on a GPU")
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    json: bool = Field(False, description="print the metrics as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    return (EvaluateArgs,)
+
+
+def run(args: EvaluateArgs) -> int:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.annotations import AnnotationError
     from pipelines.evaluation import evaluate
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
-from jobs.cli import EXIT_FAILED
+from jobs.errors import EXIT_FAILED
 
 NAME = "promote"
 HELP = "point an alias (default champion) at a model version if it is at least as good on a metric"
@@ -15,21 +16,29 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--name", required=True, help="registered model name")
-    p.add_argument("--version", required=True, help="version number to promote")
-    p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
-    p.add_argument("--metric", default="gap_at_10", help="metric to compare (default: gap_at_10)")
-    p.add_argument("--force", action="store_true", help="move the alias whatever the metric says")
-    p.add_argument("--workdir", help="folder of the default mlflow.db (default: cwd)")
+@dataclass(frozen=True)
+class PromoteArgs:
+    name: str = Field(description="registered model name")
+    version: str = Field(description="version number to promote")
+    alias: str = Field("champion", description="alias to move")
+    metric: str = Field("gap_at_10", description="metric to compare")
+    force: bool = Field(False, description="move the alias whatever the metric says")
+    workdir: str | None = Field(None, description="folder of the default mlflow.db (default: cwd)")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    return (PromoteArgs,)
+
+
+def run(args: PromoteArgs) -> int:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
     import sys
 
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines import registry
     from pipelines.registry import tracking
 

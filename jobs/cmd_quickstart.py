@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
-import argparse
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass
 
 NAME = "quickstart"
 HELP = "generate a labelled catalog, train, register, promote, re-tag and report, all locally"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workdir", required=True, help="where data, MLflow (sqlite), tables and the report go")
-    p.add_argument("--images", type=int, default=2400, help="how many generated images (default 2400)")
-    p.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
-    p.add_argument("--seed", type=int, default=0)
+@dataclass(frozen=True)
+class QuickstartArgs:
+    workdir: str = Field(description="where data, MLflow (sqlite), tables and the report go")
+    images: int = Field(2400, description="how many generated images (at least 100)")
+    epochs: int = Field(5, ge=1, description="training epochs")
+    workers: int = Field(2, ge=1, description="Ray Train workers")
+    seed: int = Field(0, description="seed of the generated data and of training")
+
+    @field_validator("images")
+    @classmethod
+    def _enough_images(cls, value: int) -> int:
+        if value < 100:
+            raise ValueError("must be at least 100 (train, val and test splits need examples)")
+        return value
 
 
-def run(args: argparse.Namespace) -> int:
-    from jobs.cli import UserError
+def options() -> tuple[type, ...]:
+    return (QuickstartArgs,)
+
+
+def run(args: QuickstartArgs) -> int:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.quickstart import QuickstartOptions, run_quickstart
 
-    if args.images < 100:
-        raise UserError("--images must be at least 100 (train, val and test splits need examples)", 2)
     out = run_quickstart(
         args.workdir,
         QuickstartOptions(images=args.images, epochs=args.epochs, workers=args.workers, seed=args.seed),

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 NAME = "runs"
 HELP = "list committed runs: run id, date, model version, counts by status"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, help="the retag output location (local path or s3://)")
-    p.add_argument("--json", action="store_true", help="one JSON object per run instead of a table")
+@dataclass(frozen=True)
+class RunsArgs:
+    output: str = Field(description="the retag output location (local path or s3://)")
+    json: bool = Field(False, description="one JSON object per run instead of a table")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    return (RunsArgs,)
+
+
+def run(args: RunsArgs) -> int:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines import tables
 
     runs = tables.list_runs(args.output).to_pylist()

@@ -2,33 +2,37 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
 
 NAME = "search"
 HELP = "rank the latest run's images by similarity to a text"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, help="the retag output location (local path or s3://)")
-    p.add_argument(
-        "--model", required=True, help="the model that produced the run (models:/..., folder or s3://)"
-    )
-    p.add_argument("--text", required=True, help="what to look for, e.g. 'red'")
-    p.add_argument("--k", type=int, default=20, help="how many images (default 20)")
-    p.add_argument("--run-id", help="search this committed run instead of the latest")
-    p.add_argument("--json", action="store_true", help="one JSON object per hit")
+@dataclass(frozen=True)
+class SearchArgs:
+    output: str = Field(description="the retag output location (local path or s3://)")
+    model: str = Field(description="the model that produced the run (models:/..., folder or s3://)")
+    text: str = Field(description="what to look for, e.g. 'red'")
+    k: int = Field(20, ge=1, description="how many images")
+    run_id: str | None = Field(None, description="search this committed run instead of the latest")
+    json: bool = Field(False, description="one JSON object per hit")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    return (SearchArgs,)
+
+
+def run(args: SearchArgs) -> int:
     import sys
 
-    from jobs.cli import UserError
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines import tables
     from pipelines.registry import load_scorer
 
-    if args.k < 1:
-        raise UserError("--k must be at least 1", 2)
     scorer, mref = load_scorer(args.model)
     run, hits = tables.search_embeddings(args.output, scorer.embed_text(args.text), k=args.k, run_id=args.run_id)
     if (run["model_name"], run["model_version"]) != (mref.name, mref.version):

@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from jobs.errors import EXIT_USAGE, UserError
 
 NAME = "tag"
 HELP = "tag a few images now; --labels scores any labels, seen in training or not (zero-shot)"
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_URI", help="image files or s3:// / file:// URIs")
-    p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, a folder or s3://"
+@dataclass(frozen=True)
+class TagArgs:
+    images: list[str] = Field(
+        min_length=1,
+        description="image files or s3:// / file:// URIs",
+        json_schema_extra={"cli": {"positional": "IMAGE_OR_URI"}},
     )
-    p.add_argument("--labels", help="comma-separated labels to score zero-shot instead of the taxonomy")
-    p.add_argument("--top-k", type=int, default=5, help="also show the k best labels (default 5)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (decompression bombs)")
+    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, a folder or s3://")
+    labels: str | None = Field(
+        None, description="comma-separated labels to score zero-shot instead of the taxonomy"
+    )
+    top_k: int = Field(5, ge=0, description="also show the k best labels")
+    json: bool = Field(False, description="one JSON object per image")
+    max_pixels: int | None = Field(None, ge=1, description="refuse larger images (decompression bombs)")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    return (TagArgs,)
+
+
+def run(args: TagArgs) -> int:
     import numpy as np
 
-    from jobs.cli import UserError
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from mumic_core import images
     from pipelines import storage
     from pipelines.registry import load_scorer
@@ -33,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if args.labels is not None:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()]
         if not labels:
-            raise UserError("--labels needs at least one non-empty label", 2)
+            raise UserError("--labels needs at least one non-empty label", EXIT_USAGE)
     scorer, mref = load_scorer(args.model)
     max_pixels = args.max_pixels or images.DEFAULT_MAX_PIXELS
     refs, pixels = [], []

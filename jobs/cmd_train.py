@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+from typing import TYPE_CHECKING
 
-from jobs.cli import EXIT_USAGE, UserError
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from jobs.errors import UserError
+
+if TYPE_CHECKING:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    from pipelines.train import TrainConfig
 
 NAME = "train"
 HELP = "fine-tune a model on annotations with Ray Train (DDP), log to MLflow, register a version"
@@ -18,93 +25,45 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    data = p.add_argument_group("data")
-    data.add_argument(
-        "--annotations", required=True, help="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]"
-    )
-    data.add_argument("--taxonomy", required=True, help="YAML/JSON taxonomy file (local or s3://)")
-    data.add_argument("--augment", help="none | flip | crop | flip,crop (default: flip)")
-    data.add_argument(
-        "--crop-scale-min", type=float, help="smallest random crop, as a fraction of the area (0.6)"
-    )
-    data.add_argument("--val-fraction", type=float, help="hash split for rows without `split` (0.15)")
-    data.add_argument("--test-fraction", type=float, help="hash split for rows without `split` (0.15)")
-    data.add_argument("--max-pixels", type=int, help="skip images larger than this (width*height)")
-
-    model = p.add_argument_group("model")
-    model.add_argument("--backbone", help="open_clip model name or architecture JSON (default: ViT-B-32)")
-    model.add_argument("--pretrained", help="open_clip pretrained tag, or a local/s3:// checkpoint file")
-    model.add_argument(
-        "--train-mode", choices=("both", "image", "frozen"), help="what trains (default: both)"
-    )
-    model.add_argument("--init-tau", type=float, help="initial temperature (default: from the backbone)")
-    model.add_argument(
-        "--learn-tau", action=argparse.BooleanOptionalAction, default=None, help="learnable tau"
-    )
-    model.add_argument(
-        "--use-bias", action=argparse.BooleanOptionalAction, default=None, help="learnable bias b"
-    )
-
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, help="epochs (default: 10)")
-    opt.add_argument("--batch-size", type=int, help="images per step per worker (default: 64)")
-    opt.add_argument("--lr-image", type=float, help="image tower LR")
-    opt.add_argument("--lr-text", type=float, help="text tower LR")
-    opt.add_argument("--lr-head", type=float, help="tau / bias LR")
-    opt.add_argument("--weight-decay", type=float)
-    opt.add_argument("--warmup-steps", type=int)
-    opt.add_argument("--grad-clip", type=float, help="max gradient norm (0: off)")
-    opt.add_argument("--loss-weighting", choices=("none", "focal", "asymmetric", "class_frequency"))
-    opt.add_argument("--focal-gamma", type=float)
-    opt.add_argument("--seed", type=int)
-    opt.add_argument(
-        "--select-metric",
-        choices=("map", "gap", "gap_at_10", "f1_at_3", "f1_at_5"),
-        help="validation metric that picks the best checkpoint (default: gap_at_10)",
-    )
-
-    run = p.add_argument_group("run")
-    run.add_argument("--workers", type=int, help="Ray Train workers (default: 1)")
-    run.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker, NCCL")
-    run.add_argument(
-        "--cpus-per-worker", type=float, help="default 1 (less when no CPU would be left for data)"
-    )
-    run.add_argument("--max-failures", type=int, help="worker failures to recover from (default: 2)")
-    run.add_argument("--num-to-keep", type=int, help="checkpoints kept (best by --select-metric; default 2)")
-    run.add_argument("--run-name", help="Ray Train / MLflow run name; the same name again resumes it")
-    run.add_argument(
-        "--storage-path", help="checkpoint storage, local or s3:// (default: WORKDIR/ray_results)"
-    )
-    run.add_argument(
-        "--workdir", help="default folder for mlflow.db, artifacts and checkpoints (default: cwd)"
-    )
-    run.add_argument("--experiment", help="MLflow experiment (default: mumic)")
-    run.add_argument("--artifact-location", help="artifact root of a new experiment (local or s3://)")
-    run.add_argument("--register", help="registered model name (omit: do not register)")
-    run.add_argument("--alias", help="alias set on the new version (default: candidate)")
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
+GROUPS = {  # how `mumic train --help` lists the options of TrainConfig
+    "data": (
+        "annotations", "taxonomy", "augment", "crop_scale_min", "resize_mode", "val_fraction", "test_fraction",
+        "max_pixels",
+    ),
+    "model": ("backbone", "pretrained", "train_mode", "init_tau", "learn_tau", "use_bias"),
+    "optimisation": (
+        "epochs", "batch_size", "eval_batch_size", "lr_image", "lr_text", "lr_head", "weight_decay",
+        "warmup_steps", "grad_clip", "loss_weighting", "focal_gamma", "seed", "select_metric",
+    ),
+    "run": (
+        "workers", "use_gpu", "cpus_per_worker", "max_failures", "num_to_keep", "find_unused_parameters",
+        "run_name", "storage_path", "workdir", "experiment", "artifact_location", "register", "alias", "json",
+    ),
+}
 
 
-def config_from_args(args: argparse.Namespace):
-    from pipelines.train import TrainConfig
-
-    names = {f for f in TrainConfig.__dataclass_fields__} - {"fault", "tracking_uri"}
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    try:
-        return TrainConfig.from_dict(values)
-    except ValueError as e:
-        raise UserError(str(e), EXIT_USAGE) from None
+@dataclass(frozen=True)
+class TrainOutput:
+    json: bool = Field(False, description="print the summary as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def options() -> tuple[type, ...]:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    from pipelines.train.config import TrainConfig
+
+    return (TrainConfig, TrainOutput)
+
+
+def run(cfg: TrainConfig, out: TrainOutput) -> int:
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.annotations import AnnotationError
     from pipelines.train import TrainError, train
 
-    cfg = config_from_args(args)
     try:
         result = train(cfg)
     except (AnnotationError, TrainError) as e:
@@ -125,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         "alias": result.alias,
         "seconds": round(result.seconds, 1),
     }
-    if args.json:
+    if out.json:
         print(json.dumps(summary, indent=2, default=float))
         return 0
     print(result.val.headline())

@@ -42,7 +42,7 @@ class RetagOptions:
         0,
         ge=0,
         description="GPU inference actors to request even if no GPU node is up yet (autoscaling "
-        "clusters); default: one per GPU present",
+        "clusters); 0: one per GPU present",
     )
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, ge=1, description="refuse images larger than this (width*height)"

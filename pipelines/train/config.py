@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-from mumic_core.images import DEFAULT_MAX_PIXELS
+from pydantic import Field, field_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+
+from mumic_core.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from mumic_core.metrics import HEADLINE
 from mumic_core.training import OptimConfig
 
@@ -19,61 +22,104 @@ class TrainError(RuntimeError):
     """Training could not finish (one line, e.g. workers kept failing past FailureConfig.max_failures)."""
 
 
-@dataclass
+_CLI_REQUIRED = {"cli": {"required": True}}  # `mumic train` needs it (see jobs/options.py)
+_NOT_AN_OPTION = {"cli": {"hidden": True}}
+
+
+@pydantic_dataclass
 class TrainConfig:
-    """Everything a training run depends on; logged whole to MLflow as params. `batch_size` is per worker."""
+    """Everything a training run depends on; logged whole to MLflow as params. `batch_size` is per worker.
 
-    annotations: str = ""
-    taxonomy: str = ""
-    backbone: str = "ViT-B-32"
-    pretrained: str | None = None
-    train_mode: str = "both"  # both | image | frozen (methods.md §1)
-    learn_tau: bool = True
-    init_tau: float | None = None
-    use_bias: bool = True
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float | None = None  # None: 1, or less so that one CPU stays free for Ray Data
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    lr_image: float = OptimConfig.lr_image
-    lr_text: float = OptimConfig.lr_text
-    lr_head: float = OptimConfig.lr_head
-    weight_decay: float = OptimConfig.weight_decay
-    warmup_steps: int = OptimConfig.warmup_steps
-    grad_clip: float = OptimConfig.grad_clip
-    loss_weighting: str = OptimConfig.loss_weighting
-    focal_gamma: float = OptimConfig.focal_gamma
-    seed: int = OptimConfig.seed
-    augment: str = "flip"  # none | flip | crop | flip,crop
-    crop_scale_min: float = 0.6
-    resize_mode: str = "shortest"
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    val_fraction: float = 0.15  # hash split, used only for rows without a `split`
-    test_fraction: float = 0.15
-    select_metric: str = "gap_at_10"  # best checkpoint = highest validation value of this
-    num_to_keep: int = 2
-    max_failures: int = 2
-    find_unused_parameters: bool = False
-    experiment: str = "mumic"
-    run_name: str | None = None  # the same name again resumes (Ray checkpoints and the MLflow run)
-    register: str | None = None  # registered model name; None: do not register
-    alias: str = "candidate"
-    workdir: str = "."
-    storage_path: str | None = None  # Ray Train checkpoints; default <workdir>/ray_results; may be s3://
-    tracking_uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite <workdir>/mlflow.db
-    artifact_location: str | None = None  # for a new experiment; default <workdir>/mlartifacts (local stores)
-    fault: dict | None = None  # tests only: {"rank", "epoch", "marker"} makes that rank exit once
+    The one source of the `mumic train` options and of the keys of its YAML job config (jobs/options.py):
+    a value from either, or from code, is checked by the same validation (pydantic).
+    """
 
-    def __post_init__(self) -> None:
-        if self.select_metric not in SELECT_METRICS:
-            raise ValueError(
-                f"select_metric must be one of {', '.join(SELECT_METRICS)}, got {self.select_metric!r}"
-            )
-        if self.workers < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("workers, epochs and batch_size must be at least 1")
-        Augment.parse(self.augment, self.crop_scale_min)
+    annotations: str = Field(
+        "",
+        description="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]",
+        json_schema_extra=_CLI_REQUIRED,
+    )
+    taxonomy: str = Field(
+        "", description="YAML/JSON taxonomy file (local or s3://)", json_schema_extra=_CLI_REQUIRED
+    )
+    backbone: str = Field("ViT-B-32", description="open_clip model name or architecture JSON")
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag, or a local/s3:// checkpoint file"
+    )
+    train_mode: Literal["both", "image", "frozen"] = Field("both", description="what trains (methods.md §1)")
+    learn_tau: bool = Field(True, description="learnable tau")
+    init_tau: float | None = Field(
+        None, gt=0, description="initial temperature (default: from the backbone)"
+    )
+    use_bias: bool = Field(True, description="learnable bias b")
+    workers: int = Field(1, ge=1, description="Ray Train workers")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="CPUs per worker (default: 1, or less so that one CPU stays free for data)"
+    )
+    epochs: int = Field(10, ge=1, description="epochs")
+    batch_size: int = Field(64, ge=1, description="images per step per worker")
+    eval_batch_size: int = Field(128, ge=1, description="images per model call when evaluating")
+    lr_image: float = Field(OptimConfig.lr_image, gt=0, description="image tower LR")
+    lr_text: float = Field(OptimConfig.lr_text, gt=0, description="text tower LR")
+    lr_head: float = Field(OptimConfig.lr_head, gt=0, description="tau / bias LR")
+    weight_decay: float = Field(OptimConfig.weight_decay, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(OptimConfig.warmup_steps, ge=0, description="linear LR warm-up steps")
+    grad_clip: float = Field(OptimConfig.grad_clip, ge=0, description="max gradient norm (0: off)")
+    loss_weighting: Literal["none", "focal", "asymmetric", "class_frequency"] = Field(
+        OptimConfig.loss_weighting, description="how the per-label loss is weighted"
+    )
+    focal_gamma: float = Field(
+        OptimConfig.focal_gamma, ge=0, description="focusing exponent of the focal loss"
+    )
+    seed: int = Field(OptimConfig.seed, description="seed of initialisation, shuffling and augmentation")
+    augment: str = Field("flip", description="none | flip | crop | flip,crop")
+    crop_scale_min: float = Field(
+        0.6, gt=0, le=1, description="smallest random crop, as a fraction of the area"
+    )
+    resize_mode: Literal[RESIZE_MODES] = Field(
+        "shortest", description="how images are fitted to the model's input size"
+    )
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, ge=1, description="skip images larger than this (width*height)"
+    )
+    val_fraction: float = Field(
+        0.15, ge=0, lt=1, description="hash split fraction, used only for rows without a `split`"
+    )
+    test_fraction: float = Field(
+        0.15, ge=0, lt=1, description="hash split fraction, used only for rows without a `split`"
+    )
+    select_metric: Literal[SELECT_METRICS] = Field(
+        "gap_at_10", description="validation metric that picks the best checkpoint"
+    )
+    num_to_keep: int = Field(2, ge=1, description="checkpoints kept (the best by select_metric)")
+    max_failures: int = Field(2, ge=-1, description="worker failures to recover from (-1: no limit)")
+    find_unused_parameters: bool = Field(False, description="DDP find_unused_parameters")
+    experiment: str = Field("mumic", description="MLflow experiment")
+    run_name: str | None = Field(
+        None, description="Ray Train / MLflow run name (default: new); the same name again resumes it"
+    )
+    register: str | None = Field(None, description="registered model name (omit: do not register)")
+    alias: str = Field("candidate", description="alias set on the new version")
+    workdir: str = Field(".", description="default folder for mlflow.db, artifacts and checkpoints")
+    storage_path: str | None = Field(
+        None, description="Ray Train checkpoint storage, local or s3:// (default: WORKDIR/ray_results)"
+    )
+    tracking_uri: str | None = Field(  # default: MLFLOW_TRACKING_URI, else sqlite <workdir>/mlflow.db
+        None, json_schema_extra=_NOT_AN_OPTION
+    )
+    artifact_location: str | None = Field(
+        None, description="artifact root of a new experiment, local or s3:// (default: WORKDIR/mlartifacts)"
+    )
+    fault: dict | None = Field(  # tests only: {"rank", "epoch", "marker"} makes that rank exit once
+        None, json_schema_extra=_NOT_AN_OPTION
+    )
+
+    @field_validator("augment")
+    @classmethod
+    def _known_augmentations(cls, value: str) -> str:
+        Augment.parse(value)
+        return value
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:

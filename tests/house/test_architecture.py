@@ -48,6 +48,18 @@ def _targets(module: str, node: ast.AST, is_package: bool) -> list[str]:
     return sorted({n for n in names if n.split(".")[0] in PACKAGES})
 
 
+def _has_reason(lines: list[str], index: int) -> bool:
+    """A comment on the import's line, or on the line above its block of imports (blank lines allowed)."""
+    if "#" in lines[index]:
+        return True
+    i = index - 1
+    while i >= 0 and (not lines[i].strip() or lines[i].strip().startswith(("import ", "from "))):
+        if "#" in lines[i]:
+            return True
+        i -= 1
+    return i >= 0 and lines[i].strip().startswith("#")
+
+
 def imports() -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]]]:
     """Module-level import graph, and every import inside a function: (module, line, target, has reason)."""
     graph: dict[str, set[str]] = defaultdict(set)
@@ -63,9 +75,7 @@ def imports() -> tuple[dict[str, set[str]], list[tuple[str, int, str, bool]]]:
                 if id(node) in top:
                     graph[module].add(target)
                 else:
-                    line = lines[node.lineno - 1]
-                    above = lines[node.lineno - 2] if node.lineno > 1 else ""
-                    inner.append((module, node.lineno, target, "#" in line or above.strip().startswith("#")))
+                    inner.append((module, node.lineno, target, _has_reason(lines, node.lineno - 1)))
     return graph, inner
 
 

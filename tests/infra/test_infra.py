@@ -8,7 +8,6 @@ fake `kubectl`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -16,6 +15,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -116,27 +116,17 @@ def pinned(package: str) -> str:
     raise AssertionError(f"{package} is not pinned with == in pyproject.toml")
 
 
-def _strict_build_parser(build=cli.build_parser) -> argparse.ArgumentParser:
-    """The real parser, without argparse's prefix matching: `--run-id` must not pass as an abbreviation of
-    a renamed `--run-identifier`."""
-    parser = build()
-    parser.allow_abbrev = False
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
-                sub.allow_abbrev = False
-    return parser
-
-
-def parse_mumic(argv: list[str], monkeypatch) -> argparse.Namespace:
-    """`jobs.cli.parse_args` (which loads --config files) on the strict parser; fails the test on a bad line."""
-    monkeypatch.setattr(cli, "build_parser", _strict_build_parser)
+def parse_mumic(argv: list[str]) -> SimpleNamespace:
+    """`jobs.cli.parse` (which loads --config files and validates every value) with no abbreviated flags:
+    `--run-id` must not pass as an abbreviation of a renamed `--run-identifier`. Fails the test on a bad
+    line; else the command and every option's value by name."""
     try:
-        return cli.parse_args(argv)
+        inv = cli.parse(argv, allow_abbrev=False)
     except SystemExit as e:
         pytest.fail(f"`mumic {shlex.join(argv)}` is not a valid command line (argparse exit {e.code})")
     except cli.UserError as e:
         pytest.fail(f"`mumic {shlex.join(argv)}`: {e}")
+    return SimpleNamespace(command=inv.command, **inv.values)
 
 
 def in_repo(token: str) -> str:
@@ -154,29 +144,18 @@ def entrypoint_argv(rayjob: dict, run_date: str = RUN_DATE) -> list[str]:
     return [in_repo(t) for t in argv[1:]]
 
 
-def subparser(command: str) -> argparse.ArgumentParser:
-    for action in cli.build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices[command]
-    raise AssertionError("no subcommands")
-
-
 def config_as_flags(command: str, config: dict) -> list[str]:
-    """A job config written as the command-line flags it stands for (so argparse checks types and choices)."""
-    actions = {a.dest: a for a in subparser(command)._actions}
+    """A job config written as the command-line flags it stands for."""
+    options = cli.command_fields(command)
     argv = []
     for key, value in config.items():
-        action = actions[key]
-        flag = next(o for o in action.option_strings if o.startswith("--"))
-        if isinstance(action, argparse._StoreTrueAction):
+        option = options[key]
+        if option.is_bool:
             assert isinstance(value, bool), f"{key} is a switch: true or false, not {value!r}"
-            argv += [flag] if value else []
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            assert isinstance(value, bool), f"{key} is a switch: true or false, not {value!r}"
-            argv += [flag if value else "--no-" + flag[2:]]
+            argv += [option.flag if value else "--no-" + option.flag[2:]]
         else:
             assert not isinstance(value, (dict, list)), f"{key}: one value, not {value!r}"
-            argv += [flag, str(value)]
+            argv += [option.flag, str(value)]
     return argv
 
 
@@ -404,14 +383,14 @@ def test_rayjob_cluster_is_the_raycluster_spec_at_a_fixed_size(name):
 
 
 @pytest.mark.parametrize("name", sorted(RAYJOBS))
-def test_rayjob_entrypoint_is_a_real_mumic_command_line(name, monkeypatch):
+def test_rayjob_entrypoint_is_a_real_mumic_command_line(name):
     command, config_name = RAYJOBS[name]
     job = one(name, "RayJob")
     argv = entrypoint_argv(job)
     assert argv[0] == command
     config = argv[argv.index("--config") + 1]
     assert Path(config) == CONFIGS / config_name, f"{name} should read jobs/configs/{config_name}"
-    args = parse_mumic(argv, monkeypatch)
+    args = parse_mumic(argv)
     assert args.command == command
     if command == "retag":
         from pipelines.retag import RUN_ID_PATTERN
@@ -441,14 +420,16 @@ def test_rayjob_entrypoint_changes_with_the_run_date(name):
 
 
 @pytest.mark.parametrize("config_name,command", [(c, cmd) for cmd, c in RAYJOBS.values()])
-def test_job_config_uses_only_options_the_command_knows_with_valid_values(config_name, command, monkeypatch):
+def test_job_config_uses_only_options_the_command_knows_with_valid_values(config_name, command):
     config = cli.load_job_config(str(CONFIGS / config_name))
-    known = {a.dest for a in subparser(command)._actions} - {"help", "config"}
+    known = set(cli.command_fields(command))
     assert config and set(config) <= known, f"unknown options: {sorted(set(config) - known)}"
-    # the same values as flags: argparse's own types and choices check them, and the required ones are there
-    args = parse_mumic([command, *config_as_flags(command, config)], monkeypatch)
+    # the file as given and the same values as flags: both validated, and the required ones are there
+    from_file = parse_mumic([command, "--config", str(CONFIGS / config_name)])
+    from_flags = parse_mumic([command, *config_as_flags(command, config)])
     for key, value in config.items():
-        assert getattr(args, key) == value or str(getattr(args, key)) == str(value), key
+        assert getattr(from_flags, key) == value or str(getattr(from_flags, key)) == str(value), key
+    assert from_file == from_flags
 
 
 def test_example_taxonomy_loads():
@@ -564,9 +545,7 @@ def run_submit(
 
 
 @pytest.mark.parametrize("template", sorted(RAYJOBS))
-def test_submit_script_creates_the_rayjob_for_the_run_date_and_succeeds_with_it(
-    template, tmp_path, monkeypatch
-):
+def test_submit_script_creates_the_rayjob_for_the_run_date_and_succeeds_with_it(template, tmp_path):
     proc, calls = run_submit(tmp_path, template, "Initializing Running Running Complete", "SUCCEEDED")
     assert proc.returncode == 0, proc.stderr
     assert calls[0].startswith("create -f -")
@@ -577,7 +556,7 @@ def test_submit_script_creates_the_rayjob_for_the_run_date_and_succeeds_with_it(
     )
     argv = entrypoint_argv(created, run_date="unused")  # already filled in by the script
     assert RUN_DATE in " ".join(argv)
-    parse_mumic(argv, monkeypatch)
+    parse_mumic(argv)
 
 
 def test_submit_script_fails_when_the_ray_job_fails(tmp_path):
@@ -831,7 +810,7 @@ def test_dockerignore_sends_the_package_and_nothing_local():
         "README.md",
         "mumic_core/model.py",
         "mumic_core/model_configs/mumic-tiny.json",
-        "pipelines/retag.py",
+        "pipelines/retag/run.py",
         "jobs/cli.py",
         "jobs/configs/nightly_retag.yaml",
     ):
