@@ -89,7 +89,7 @@ def run_quickstart(workdir: str | Path, opts: QuickstartOptions | None = None) -
     return {
         "workdir": str(workdir),
         "paths": paths,
-        "tracking_uri": uri,
+        "tracking_uri": storage.redact(uri),  # shown to the user: credentials masked
         "model_name": opts.model_name,
         "model_version": version,
         "model_ref": model_ref,
@@ -152,7 +152,7 @@ def _next_steps(workdir: Path, output: Path, model_ref: str, uri: str) -> list[s
         "(SELECT run_id FROM runs ORDER BY finished_at DESC LIMIT 1) GROUP BY run_id\").fetchall())",
         "EOF",
         "",
-        f"MLflow UI: mlflow ui --backend-store-uri {uri}",
+        f"MLflow UI: mlflow ui --backend-store-uri {storage.redact(uri)}",
     ]
 
 
@@ -188,7 +188,7 @@ def _write_report(workdir, opts, result, version, summary, output, uri, next_ste
         "rows ok / error / skipped": rows,
         "retag images/s": f"{summary.get('images_per_s', 0):.1f}",
         "tables": str(output),
-        "MLflow": uri,
+        "MLflow": storage.redact(uri),
         "total time": f"{time.perf_counter() - t0:.0f} s",
     }
     return report.write_html(

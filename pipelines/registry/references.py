@@ -88,7 +88,7 @@ def get_version(
         if alias is not None:
             return c.get_model_version_by_alias(name, alias)
         if version == "latest":
-            versions = c.search_model_versions(f"name = '{name}'")
+            versions = c.search_model_versions(f"name = {tracking.filter_value(name, 'model name')}")
             if not versions:
                 raise ModelError(f"no versions of model {name!r} in the registry at {_where(uri)}")
             return max(versions, key=lambda v: int(v.version))
@@ -151,7 +151,9 @@ def _download(uri: str, name: str, version: str, artifact_uri: str, cache_dir: s
                 artifact_uri=artifact_uri, dst_path=tmp, tracking_uri=uri
             )
         except tracking.mlflow_error() as e:
-            raise ModelError(f"cannot download model {name}/{version}: {str(e).splitlines()[0]}") from None
+            raise ModelError(
+                f"cannot download model {name}/{version}: {storage.redact(str(e)).splitlines()[0]}"
+            ) from None
         checkpoint.read_config(local)  # complete, or raise
         try:
             os.replace(local, target)

@@ -8,6 +8,7 @@ here reads or logs environment variables or credentials; string params pass thro
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -66,9 +67,73 @@ def mlflow_error() -> type[Exception]:
 
 
 def client(uri: str | None = None):
+    """An MlflowClient of `uri` whose errors never carry credentials (MLflow's say "API request to
+    <the whole URI>/api/... failed")."""
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    uri = uri or tracking_uri()
+    _no_url_printing(uri)
+    return _Scrubbed(MlflowClient(tracking_uri=uri))
+
+
+class _Scrubbed:
+    """A client's methods, with the message of any error they raise redacted (same exception, same type)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except Exception as e:
+                scrub(e)
+                raise
+
+        return call
+
+
+def scrub(e: BaseException | None) -> None:
+    """Redact an exception's message in place (`args`, and MLflow's `message`), and its causes'."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        with contextlib.suppress(Exception):  # an exception type with read-only args: leave it
+            e.args = tuple(storage.redact(a) if isinstance(a, str) else a for a in e.args)
+            if isinstance(getattr(e, "message", None), str):
+                e.message = storage.redact(e.message)
+        e = e.__cause__ or e.__context__
+
+
+def _no_url_printing(uri: str) -> None:
+    """MLflow prints "View run ... at: <tracking URI>/#/..." on stdout when a run ends on a tracking server,
+    credentials included: with a URI that carries any, it is told not to (this process)."""
+    if storage.redact(uri) != uri:
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def filter_value(value: str, what: str = "value") -> str:
+    """`value` as a string literal of MLflow's search filters (`name = <literal>`).
+
+    The grammar has no escapes: a literal is everything between two equal quotes, and a backslash before
+    the closing quote escapes it. So a value is quoted with a quote it does not contain (`'`, else `"`);
+    one holding both, or ending with a backslash, cannot be searched for and is refused in one line.
+    """
+    value = str(value)
+    if not value.endswith("\\"):
+        for quote in ("'", '"'):
+            if quote not in value:
+                return f"{quote}{value}{quote}"
+    from mumic_core.model import ModelError  # torch-heavy: only on this rare path
+
+    raise ModelError(
+        f"{what} {value!r} cannot be searched for in MLflow (it holds both ' and \" or ends with \\); rename it"
+    )
 
 
 @contextlib.contextmanager
@@ -79,6 +144,8 @@ def fluent(uri: str) -> Iterator[None]:
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
+    _no_url_printing(uri)
+
     # set_tracking_uri / set_registry_uri also export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI: restore
     # both, or a later client in this process talks to this block's server.
     env_keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -87,6 +154,9 @@ def fluent(uri: str) -> Iterator[None]:
     mlflow.set_registry_uri(uri)
     try:
         yield
+    except Exception as e:
+        scrub(e)
+        raise
     finally:
         tracking_utils._tracking_uri, registry_utils._registry_uri, env = saved
         for key, value in env.items():
@@ -118,7 +188,9 @@ def start_run(mlflow_client, experiment_id: str, run_name: str, tags: Mapping[st
     MLflow run, as Ray Train continues the same checkpoints.
     """
     runs = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
+        [experiment_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_value(run_name, 'run name')}",
+        max_results=1,
     )
     if runs:
         run_id = runs[0].info.run_id

@@ -61,7 +61,9 @@ def log_model_version(
 
     uri = tracking_uri or tracking.tracking_uri()
     c = tracking.client(uri)
-    existing = c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    existing = c.search_model_versions(
+        f"name = {tracking.filter_value(name, 'model name')} and run_id = {tracking.filter_value(run_id, 'run id')}"
+    )
     if existing:
         version = str(max(int(v.version) for v in existing))
         log.info("run %s already registered %s version %s", run_id, name, version)

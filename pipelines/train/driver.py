@@ -94,7 +94,7 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "train": cfg.to_dict(),
+            "train": _worker_config(cfg),
             "taxonomy": taxonomy.to_dict(),
             "steps_per_epoch": steps_per_epoch,
             "threads": max(1, int(cpus_per_worker)),
@@ -118,6 +118,12 @@ def build_trainer(
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
+
+
+def _worker_config(cfg: TrainConfig) -> dict[str, Any]:
+    """What each rank is told: the config without the tracking URI (it may carry credentials, and only the
+    driver talks to MLflow)."""
+    return {k: v for k, v in cfg.to_dict().items() if k != "tracking_uri"}
 
 
 @dataclass
