@@ -1,28 +1,50 @@
 """Saved models: a folder (local or any fsspec URI such as s3://) with `model.safetensors` + `config.json`.
 
 The JSON holds everything needed to rebuild the model without the code that trained it: the resolved
-open_clip architecture, the taxonomy, tau, bias, thresholds and preprocessing. Loading never unpickles.
+open_clip architecture, the taxonomy, tau, bias, thresholds and preprocessing. Loading reads those two
+files and nothing else (no code in the folder runs, nothing is unpickled); a config that is not JSON, too
+big, has fields this version does not know or absurd sizes, or weights whose sha256 differs from the
+config's `weights_sha256`, is a one-line ModelError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import fsspec
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .model import ModelConfig, ModelError, MuMIC
+from .model import ModelConfig, ModelError, MuMIC, _listed
 from .taxonomy import Taxonomy
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 FORMAT_VERSION = 1
+MAX_CONFIG_BYTES = 16 << 20  # a real config.json is a few KB (a large taxonomy: a few hundred KB)
+
+# What config_dict writes, and what `extra` may add (train checkpoints: epoch; contract.md: name, version).
+CONFIG_KEYS = (
+    "format_version",
+    "mumic_version",
+    "model",
+    "taxonomy",
+    "taxonomy_sha256",
+    "tau",
+    "bias",
+    "thresholds",
+    "preprocessing",
+    "weights_sha256",
+)
+EXTRA_KEYS = ("name", "version", "epoch", "run_id", "metrics")
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "resize_mode", "input")
 
 
 def _mumic_version() -> str:
@@ -64,7 +86,13 @@ def state_bytes(model: MuMIC) -> bytes:
 
 
 def save(model: MuMIC, path_or_uri: str | Path, extra: dict[str, Any] | None = None) -> str:
-    """Write the model folder; returns its URI. `extra` adds keys to config.json (e.g. metrics, run id)."""
+    """Write the model folder; returns its URI. `extra` adds keys to config.json (EXTRA_KEYS only, so that
+    what is saved can be loaded: e.g. metrics, run id)."""
+    unknown = sorted(set(extra or {}) - set(EXTRA_KEYS))
+    if unknown:
+        raise ModelError(
+            f"config.json cannot hold {', '.join(unknown)}; extra keys are {', '.join(EXTRA_KEYS)}"
+        )
     uri = str(path_or_uri)
     fs, root = fsspec.core.url_to_fs(uri)
     fs.makedirs(root, exist_ok=True)
@@ -79,34 +107,115 @@ def save(model: MuMIC, path_or_uri: str | Path, extra: dict[str, Any] | None = N
 
 
 def read_config(path_or_uri: str | Path) -> dict[str, Any]:
+    """The folder's config.json, checked (check_config); at most MAX_CONFIG_BYTES are read."""
     uri = str(path_or_uri)
+    where = _join(uri, CONFIG)
     try:
-        with fsspec.open(_join(uri, CONFIG), "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
+        with fsspec.open(where, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
         raise ModelError(f"no saved model at {uri} (missing {CONFIG})") from None
+    except IsADirectoryError:
+        raise ModelError(f"{where} is a folder, not a model config") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ModelError(f"{where} is over {MAX_CONFIG_BYTES >> 20} MiB: not a model config")
+    cfg = _parse_json(raw, where)
+    check_config(cfg, where)
+    return cfg
 
 
-def from_bytes(cfg: dict[str, Any], weights: bytes, map_location: str | torch.device = "cpu") -> MuMIC:
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise ModelError(f"model format {cfg['format_version']} is newer than this mumic understands")
+def _parse_json(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelError(
+            f"{where} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})"
+        ) from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{where} is not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # an integer of 5000 digits; arrays nested 100000 deep
+        raise ModelError(f"{where} is not a usable JSON document ({type(e).__name__})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{where} must hold a JSON object, not {type(cfg).__name__}")
+    return cfg
+
+
+def check_config(cfg: dict[str, Any], where: str = CONFIG) -> None:
+    """Refuse, in one line naming them, fields this version does not know (top level, "model",
+    "preprocessing"), a newer format, and model sizes out of bounds (ModelConfig.from_dict)."""
+    unknown = [k for k in cfg if k not in CONFIG_KEYS and k not in EXTRA_KEYS]
+    if unknown:
+        raise ModelError(
+            f"{where}: unknown field(s) {_listed(unknown)}; a model config has {', '.join(CONFIG_KEYS)}"
+        )
+    fmt = cfg.get("format_version", 0)
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise ModelError(f"{where}: format_version must be an integer, not {fmt!r:.40}")
+    if fmt > FORMAT_VERSION:
+        raise ModelError(f"model format {fmt} is newer than this mumic understands")
+    for key in ("model", "taxonomy"):
+        if not isinstance(cfg.get(key), dict):
+            raise ModelError(f"{where}: {key!r} must be a JSON object")
+    pre = cfg.get("preprocessing", {})
+    extra = [k for k in pre if k not in PREPROCESSING_KEYS] if isinstance(pre, dict) else None
+    if extra is None or extra:
+        raise ModelError(f"{where}: 'preprocessing' must be an object of {', '.join(PREPROCESSING_KEYS)}")
+    sha = cfg.get("weights_sha256")
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha)):
+        raise ModelError(f"{where}: weights_sha256 must be 64 lowercase hex digits, not {sha!r:.80}")
+    try:
+        ModelConfig.from_dict(cfg["model"])
+    except ModelError as e:
+        raise ModelError(f"{where}: {e}") from None
+
+
+def from_bytes(
+    cfg: dict[str, Any],
+    weights: bytes,
+    map_location: str | torch.device = "cpu",
+    source: str = "saved model",
+) -> MuMIC:
+    """A model from a config dict and the bytes of its safetensors file; checks both before building."""
+    check_config(cfg, f"{source} config")
+    expected = cfg.get("weights_sha256")  # older folders have none: nothing to check against
+    actual = hashlib.sha256(weights).hexdigest() if expected is not None else None
+    if actual != expected:
+        raise ModelError(
+            f"{source}: {WEIGHTS} has sha256 {actual[:16]}..., config.json says {expected[:16]}...: "
+            "the weights were replaced or only partly copied"
+        )
+    try:
+        state = st_load(weights)  # safetensors: a JSON header and raw tensors; it never unpickles
+    except SafetensorError as e:
+        why = " ".join(str(e).split())[:120]
+        raise ModelError(f"{source}: {WEIGHTS} is not a safetensors file ({why})") from None
     config = ModelConfig.from_dict(cfg["model"])
     model = MuMIC(config, Taxonomy.from_dict(cfg["taxonomy"]))
-    state = st_load(weights)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise ModelError(
+            f"{source}: saved weights do not fit the config: {str(e).splitlines()[-1].strip()}"
+        ) from None
     if missing or unexpected:
-        raise ModelError(f"saved weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ModelError(
+            f"saved weights do not match the config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.set_train_mode(config.train_mode)
     return model.to(map_location).eval()
 
 
 def load(path_or_uri: str | Path, map_location: str | torch.device = "cpu") -> MuMIC:
-    """Rebuild a saved model (eval mode) from a local folder or a URI such as s3://bucket/models/v3."""
+    """Rebuild a saved model (eval mode) from a local folder or a URI such as s3://bucket/models/v3.
+
+    Reads config.json and model.safetensors only: other files in the folder (code, pickles) are ignored."""
     uri = str(path_or_uri)
     cfg = read_config(uri)
     try:
         with fsspec.open(_join(uri, WEIGHTS), "rb") as f:
             weights = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         raise ModelError(f"saved model at {uri} has no {WEIGHTS}") from None
-    return from_bytes(cfg, weights, map_location)
+    return from_bytes(cfg, weights, map_location, source=uri)

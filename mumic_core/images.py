@@ -1,21 +1,30 @@
 """The decode stage: image bytes → RGB pixels → uint8 arrays ready for the model.
 
-A file that cannot become pixels raises ImageError with a short reason; nothing else escapes for bad bytes.
+A file that cannot become pixels raises ImageError with a short reason; nothing else escapes for bad bytes:
+decode() and load_for_model() turn any other Exception raised while decoding (a MemoryError, a plugin's
+RuntimeError, a numpy error) into an ImageError that names its type, so one file never fails a batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageCms
 
+log = logging.getLogger(__name__)
+
 REASONS: tuple[str, ...] = ("empty", "not_an_image", "truncated", "too_large", "unsupported", "corrupt")
 DEFAULT_MAX_PIXELS = 64_000_000
+# Longest side over shortest side. A 1x100000 strip passes the pixel limit, but resizing its short side to
+# the model's size would make a 64x6400000 (1.2 GB) image; no catalog photo is anywhere near 100:1.
+MAX_ASPECT_RATIO = 100
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -79,6 +88,9 @@ _ORIENTATION_TRANSPOSE = {
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Wide one-band images (16-bit, 32-bit int, float) become 8 bits this many pixels at a time, so no
+# full-size wide copy is ever made (a 16-bit PNG compresses ~1000:1; int64 copies of it would not).
+_STRIP_PIXELS = 1 << 18
 
 
 class ImageError(Exception):
@@ -102,8 +114,9 @@ def sha256_hex(data: bytes) -> str:
 
 def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Bytes → a fully loaded RGB image, upright (EXIF orientation applied), transparency over white."""
-    img = _load(_open(data, max_pixels), data)
-    return _to_rgb(_upright(img, _exif_orientation(img)))
+    with _as_image_error(data):
+        img = _load(_open_for_pixels(data, max_pixels), data)
+        return _to_rgb(_upright(img, _exif_orientation(img)))
 
 
 def image_size_from_header(data: bytes) -> tuple[int, int]:
@@ -121,9 +134,16 @@ def load_for_model(
 
     Returns uint8 [3, H, W]. Same result as preprocess(decode(data), ...) when no scaling applies.
     """
-    _check_resize_mode(resize_mode)
+    _check_resize_mode(resize_mode)  # a caller's mistake: stays a ValueError
     target_h, target_w = _target_hw(image_size)
-    img = _open(data, max_pixels)
+    with _as_image_error(data):
+        return _load_for_model(data, target_h, target_w, max_pixels, resize_mode)
+
+
+def _load_for_model(
+    data: bytes, target_h: int, target_w: int, max_pixels: int, resize_mode: str
+) -> np.ndarray:
+    img = _open_for_pixels(data, max_pixels)
     if img.format in ("JPEG", "MPO"):  # their EXIF is read with the header, so this loads nothing
         w, h = img.size
         if _exif_orientation(img) in (5, 6, 7, 8):  # stored sideways: displayed width = stored height
@@ -134,7 +154,7 @@ def load_for_model(
         # draft() only picks a DCT scale (1/2, 1/4, 1/8) that leaves the image at least this big.
         img.draft("RGB", (2 * out_w, 2 * out_h))
     img = _load(img, data)
-    return preprocess(_to_rgb(_upright(img, _exif_orientation(img))), image_size, resize_mode)
+    return preprocess(_to_rgb(_upright(img, _exif_orientation(img))), (target_h, target_w), resize_mode)
 
 
 def load_many(
@@ -176,6 +196,7 @@ def preprocess(
     "longest": long side to size, centred on zeros. image_size is an int or (H, W).
     """
     _check_resize_mode(resize_mode)
+    _check_aspect(img.width, img.height, "image")  # before the resize that would blow it up
     if img.mode != "RGB":
         img = img.convert("RGB")
     target_h, target_w = _target_hw(image_size)
@@ -199,6 +220,38 @@ def normalize(
 
 
 # --- opening and loading -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _as_image_error(data: bytes) -> Iterator[None]:
+    """Whatever else decoding one file raises becomes an ImageError naming its type (never BaseException:
+    KeyboardInterrupt and SystemExit pass). Pillow's own errors are classified where they are raised."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except MemoryError as e:
+        raise ImageError("too_large", f"MemoryError while decoding {len(data)} bytes") from e
+    except Exception as e:
+        log.debug("unexpected error decoding %d bytes", len(data), exc_info=True)
+        detail = f"{type(e).__name__}: {str(e)[:200]}" if str(e) else type(e).__name__
+        raise ImageError("corrupt", f"unexpected {detail} while decoding {len(data)} bytes") from e
+
+
+def _open_for_pixels(data: bytes, max_pixels: int) -> Image.Image:
+    img = _open(data, max_pixels)
+    _check_aspect(img.width, img.height, str(img.format))
+    return img
+
+
+def _check_aspect(w: int, h: int, what: str) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError("corrupt", f"{what} is {w}x{h}")
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        ratio = max(w, h) // min(w, h)
+        raise ImageError(
+            "unsupported", f"{what} {w}x{h}: aspect ratio {ratio}:1 is above the limit {MAX_ASPECT_RATIO}:1"
+        )
 
 
 def _open(data: bytes, max_pixels: int | None) -> Image.Image:
@@ -279,10 +332,11 @@ def _riff_short(data: bytes) -> bool:
 
 
 def _exif_orientation(img: Image.Image) -> int:
-    # A malformed EXIF block does not make the pixels unusable: treat it as "no rotation".
+    # A malformed EXIF block does not make the pixels unusable: treat it as "no rotation" (also when
+    # Pillow's "Corrupt EXIF data" warning is an error, as under python -W error).
     try:
         orientation = img.getexif().get(_ORIENTATION_TAG)
-    except _PILLOW_ERRORS:
+    except (*_PILLOW_ERRORS, Warning):
         return 1
     return orientation if isinstance(orientation, int) and orientation in _ORIENTATION_TRANSPOSE else 1
 
@@ -305,14 +359,12 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         if mode in _SIXTEEN_BIT_MODES:
             # Pillow's convert() clips these at 255 instead of scaling; keep the top 8 bits instead.
             # Mode "I" (32-bit) comes from 16-bit PNG/TIFF in practice, so it is read as 0..65535 too.
-            gray = np.clip(np.asarray(img).astype(np.int64), 0, 65535) >> 8
-            return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+            return _wide_gray_to_rgb(img, _top_8_of_16_bits)
         if mode == "F":
             # Float images are usually 0..1; anything brighter is taken as 0..255.
-            gray = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            scale = 255.0 if gray.size and float(gray.max()) <= 1.0 else 1.0
-            gray = np.clip(np.rint(gray * scale), 0, 255)
-            return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
+            peak = max((float(_finite(s).max()) for _, s in _strips(img)), default=0.0)
+            scale = 255.0 if peak <= 1.0 else 1.0
+            return _wide_gray_to_rgb(img, lambda s: np.clip(np.rint(_finite(s) * scale), 0, 255))
         if mode in _ALPHA_MODES or "transparency" in img.info:
             # Transparent product shots are shown on white pages; black (Pillow's default) would not match.
             rgba = (img.convert("LA") if mode == "La" else img).convert("RGBA")  # no direct La → RGBA
@@ -322,6 +374,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img.convert("RGB")
     except _PILLOW_ERRORS as e:
         raise ImageError("unsupported", f"{img.format} mode {mode} to RGB: {type(e).__name__}: {e}") from e
+
+
+def _strips(img: Image.Image) -> Iterator[tuple[int, np.ndarray]]:
+    """(top row, pixels) of a one-band image, _STRIP_PIXELS at a time, in the image's own dtype."""
+    w, h = img.size
+    step = max(1, _STRIP_PIXELS // w)
+    for top in range(0, h, step):
+        yield top, np.asarray(img.crop((0, top, w, min(h, top + step))))
+
+
+def _wide_gray_to_rgb(img: Image.Image, to_8_bits) -> Image.Image:
+    """A one-band image of more than 8 bits → RGB, converted strip by strip into one uint8 plane."""
+    out = np.empty((img.height, img.width), np.uint8)
+    for top, strip in _strips(img):
+        out[top : top + strip.shape[0]] = to_8_bits(strip)
+    return Image.fromarray(out).convert("RGB")
+
+
+def _top_8_of_16_bits(strip: np.ndarray) -> np.ndarray:
+    if strip.dtype.kind == "i":  # mode "I" (int32): clip into 0..65535 first
+        strip = np.clip(strip, 0, 65535)
+    return strip >> 8  # uint16 (any byte order) stays uint16: no wider copy
+
+
+def _finite(strip: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(strip.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _cmyk_to_rgb(img: Image.Image) -> Image.Image:

@@ -3,7 +3,8 @@
 A Parquet or CSV file, local or s3:// (contract.md, Inputs): `image_id`, `uri`, `labels` (a list in
 Parquet, a '|'-separated string in CSV), optional `split` (train/val/test; a deterministic hash of the
 id when absent or empty) and optional `unknown_labels` (truth unknown: masked out of loss and metrics).
-Every defect a user can cause is found here and reported in one line, naming all offenders.
+Every defect a user can cause is found here and reported in one line, naming all offenders (values quoted
+from the file are cut short, so a hostile file cannot make a huge message).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mumic_core.splits import SPLITS, split_of
 from mumic_core.taxonomy import Taxonomy
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 LABEL_SEPARATOR = "|"
 REQUIRED_COLUMNS = ("image_id", "uri", "labels")
+MAX_FIELD_CHARS = 8_192  # an image_id, uri or split: S3 keys are at most 1024 bytes, local paths 4096
+MAX_LABELS_CHARS = 1 << 20  # a CSV labels / unknown_labels cell: '|'-separated names
 
 
 class AnnotationError(ValueError):
@@ -119,11 +123,12 @@ def _frame_from_table(table: pa.Table, source: str) -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise AnnotationError(
-            f"{source}: missing column(s) {', '.join(missing)} (have: {', '.join(table.column_names)})"
+            f"{source}: missing column(s) {', '.join(missing)} (have: {_names(table.column_names)})"
         )
     n = table.num_rows
     if n == 0:
         raise AnnotationError(f"{source}: no rows")
+    _check_lengths(table, source)
     ids = [None if v is None else str(v).strip() for v in table.column("image_id").to_pylist()]
     uris = [None if v is None else str(v).strip() for v in table.column("uri").to_pylist()]
     bad_ids = [i for i, v in enumerate(ids) if not v]
@@ -134,12 +139,14 @@ def _frame_from_table(table: pa.Table, source: str) -> pd.DataFrame:
     bad_uris = [ids[i] for i, v in enumerate(uris) if not v]
     if bad_uris:
         raise AnnotationError(
-            f"{source}: {len(bad_uris)} rows have an empty uri, e.g. image_id {bad_uris[0]!r}"
+            f"{source}: {len(bad_uris)} rows have an empty uri, e.g. image_id {_short(bad_uris[0])}"
         )
     dup = pd.Series(ids)
     dup = dup[dup.duplicated(keep="first")].unique().tolist()
     if dup:
-        shown = ", ".join(repr(d) for d in dup[:10]) + (f" and {len(dup) - 10} more" if len(dup) > 10 else "")
+        shown = ", ".join(_short(d) for d in dup[:10]) + (
+            f" and {len(dup) - 10} more" if len(dup) > 10 else ""
+        )
         raise AnnotationError(f"{source}: {len(dup)} duplicate image_id values: {shown}")
     frame = pd.DataFrame({"image_id": ids, "uri": uris})
     frame["labels"] = _label_lists(table.column("labels").to_pylist())
@@ -149,6 +156,33 @@ def _frame_from_table(table: pa.Table, source: str) -> pd.DataFrame:
         frame["unknown_labels"] = [[] for _ in range(n)]
     frame["split"] = table.column("split").to_pylist() if "split" in table.column_names else [None] * n
     return frame
+
+
+def _check_lengths(table: pa.Table, source: str) -> None:
+    """No text value of a column we use is absurdly long (a 10 MB uri is a broken export, not a path)."""
+    for name in (*REQUIRED_COLUMNS, "split", "unknown_labels"):
+        if name not in table.column_names or not pa.types.is_string(table.schema.field(name).type):
+            continue
+        limit = MAX_LABELS_CHARS if name in ("labels", "unknown_labels") else MAX_FIELD_CHARS
+        lengths = pc.utf8_length(table.column(name))
+        long = pc.fill_null(pc.greater(lengths, limit), False)
+        if pc.any(long).as_py():
+            row = pc.index(long, True).as_py()
+            raise AnnotationError(
+                f"{source}: data row {row + 1}: {name} is {lengths[row].as_py()} characters long "
+                f"(at most {limit})"
+            )
+
+
+def _names(columns: list[str], at_most: int = 20) -> str:
+    shown = [repr(str(c)[:40])[1:-1] for c in columns[:at_most]]
+    return ", ".join(shown) + (f" and {len(columns) - at_most} more" if len(columns) > at_most else "")
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value from the file, quoted for a message and cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def _label_lists(values: list) -> list[list[str]]:
@@ -178,7 +212,7 @@ def _splits(frame: pd.DataFrame, source: str, val_fraction: float, test_fraction
             out.append(value)
     if bad:
         raise AnnotationError(
-            f"{source}: unknown split value(s) {', '.join(repr(b) for b in sorted(bad))}; "
+            f"{source}: unknown split value(s) {', '.join(_short(b) for b in sorted(bad)[:10])}; "
             f"expected {', '.join(SPLITS)} (or empty for a hash split)"
         )
     return out
@@ -200,8 +234,10 @@ def _check_labels(frame: pd.DataFrame, taxonomy: Taxonomy, source: str) -> None:
             conflicts.append((image_id, sorted(both)[0]))
     if unknown:
         names = sorted(unknown, key=lambda n: (-unknown[n], n))
-        listed = ", ".join(f"{n!r}" for n in names)
-        example = f"e.g. {names[0]!r} in image_id {first_row[names[0]]!r}"
+        listed = ", ".join(_short(n) for n in names[:20]) + (
+            f" and {len(names) - 20} more" if len(names) > 20 else ""
+        )
+        example = f"e.g. {_short(names[0])} in image_id {_short(first_row[names[0]])}"
         raise AnnotationError(
             f"{source}: {len(names)} label(s) not in the taxonomy: {listed} ({example}); "
             "add them to the taxonomy or fix the annotations"
@@ -210,5 +246,5 @@ def _check_labels(frame: pd.DataFrame, taxonomy: Taxonomy, source: str) -> None:
         image_id, name = conflicts[0]
         raise AnnotationError(
             f"{source}: {len(conflicts)} rows list a label both in labels and unknown_labels, "
-            f"e.g. {name!r} in image_id {image_id!r}"
+            f"e.g. {_short(name)} in image_id {_short(image_id)}"
         )

@@ -3,6 +3,8 @@
 A catalog is a manifest (Parquet / CSV with `image_id`, `uri`) or a folder / s3:// prefix where every image
 file becomes a row (`image_id` = key relative to the prefix). Listings are paginated and streamed; a run
 works from a snapshot of its catalog (`write_snapshot`) so a resumed run sees exactly the same rows.
+A manifest that cannot be read as given (empty, binary, not UTF-8, a column missing, a field too long) is
+one CatalogError line naming the file, and the data row when it is known.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ REQUIRED_COLUMNS = ("image_id", "uri")
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".avif")
 BATCH_ROWS = 65_536
+CSV_BLOCK_BYTES = 8 << 20  # pyarrow parses CSV in blocks: no line may be longer than this
+MAX_FIELD_CHARS = 8_192  # an image_id or uri: S3 keys are at most 1024 bytes, local paths 4096
 GROUP_ROWS = 4_096  # snapshot row groups: the unit a pipeline read task takes (small: work starts early)
 
 
@@ -49,11 +53,23 @@ def iter_catalog(uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBa
 def iter_manifest(uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
     uri = storage.normalize(uri)
     fs, path = storage.filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
         raise CatalogError(f"catalog not found: {storage.redact(uri)}")
+    if info.size == 0:
+        raise CatalogError(
+            f"catalog {storage.redact(uri)} is empty (0 bytes); a catalog needs image_id and uri"
+        )
     base = storage.parent(uri)
     rows_seen = 0
-    for batch in _read_manifest(uri, fs, path, batch_rows):
+    batches = _read_manifest(uri, fs, path, batch_rows)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # pyarrow's: the file's fault
+            raise CatalogError(_unreadable(uri, fs, path, e)) from None
+        if batch is None:
+            return
         yield _validated(batch, base, uri, rows_seen)
         rows_seen += batch.num_rows
 
@@ -69,10 +85,12 @@ def _read_manifest(uri: str, fs, path: str, batch_rows: int) -> Iterator[pa.Reco
     with fs.open_input_stream(path, compression="detect") as f:
         reader = pacsv.open_csv(
             f,
-            read_options=pacsv.ReadOptions(block_size=8 << 20),
+            read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
             parse_options=pacsv.ParseOptions(delimiter="\t" if ".tsv" in lower else ","),
             convert_options=pacsv.ConvertOptions(
-                column_types={c: pa.string() for c in REQUIRED_COLUMNS}, strings_can_be_null=False
+                # bytes, checked as UTF-8 in _validated, which can then say which row is not
+                column_types={c: pa.binary() for c in REQUIRED_COLUMNS},
+                strings_can_be_null=False,
             ),
         )
         _require_columns(reader.schema.names, uri)
@@ -81,30 +99,101 @@ def _read_manifest(uri: str, fs, path: str, batch_rows: int) -> Iterator[pa.Reco
 
 
 def _require_columns(names: Iterable[str], uri: str) -> None:
+    names = list(names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
+        shown = ", ".join(_printable(n, 40) for n in names[:20]) + (", ..." if len(names) > 20 else "")
         raise CatalogError(
             f"catalog {storage.redact(uri)} has no column(s) {', '.join(missing)} "
-            f"(it has: {', '.join(names) or 'none'}); a catalog needs image_id and uri"
+            f"(it has: {shown or 'none'}); a catalog needs image_id and uri"
         )
 
 
+def _unreadable(uri: str, fs, path: str, e: BaseException) -> str:
+    """One line for a pyarrow read / parse error: what is wrong with the file, not where pyarrow was."""
+    kind = "Parquet" if uri.lower().endswith((".parquet", ".pq")) else "CSV"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "straddl" in text:
+        why = f"a line longer than {CSV_BLOCK_BYTES >> 20} MiB (a huge field, or an unclosed quote)"
+    elif kind == "CSV" and _looks_binary(fs, path):
+        why = "binary data, not CSV text"
+    elif isinstance(e, UnicodeDecodeError):  # pyarrow decodes the column names to Python str
+        why = "its header line is not UTF-8 text; save the catalog as UTF-8"
+    else:
+        why = _printable(text, 200)
+    return f"catalog {storage.redact(uri)} is not a readable {kind} file: {why}"
+
+
+def _looks_binary(fs, path: str) -> bool:
+    try:
+        with fs.open_input_stream(path, compression="detect") as f:
+            return b"\x00" in f.read(4096)
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text from a hostile file, fit for one line of a message: control characters escaped, cut short."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def _validated(batch: pa.RecordBatch, base: str, uri: str, offset: int) -> pa.RecordBatch:
-    ids = batch.column("image_id")
-    if not pa.types.is_string(ids.type):
-        ids = ids.cast(pa.string())
-    uris = batch.column("uri").cast(pa.string())
+    ids = _text_column(batch, "image_id", uri, offset)
+    uris = _text_column(batch, "uri", uri, offset)
     for name, col in (("image_id", ids), ("uri", uris)):
         bad = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(col)), 0))
         bad = pc.fill_null(bad, True)
         if pc.any(bad).as_py():
             row = offset + pc.index(bad, True).as_py()
             raise CatalogError(f"catalog {storage.redact(uri)}: data row {row + 1} has an empty {name}")
+        lengths = pc.utf8_length(col)
+        long = pc.fill_null(pc.greater(lengths, MAX_FIELD_CHARS), False)
+        if pc.any(long).as_py():
+            i = pc.index(long, True).as_py()
+            raise CatalogError(
+                f"catalog {storage.redact(uri)}: data row {offset + i + 1} has {_a(name)} of "
+                f"{lengths[i].as_py()} characters (at most {MAX_FIELD_CHARS})"
+            )
     try:
         resolved = [storage.resolve(u, base) for u in uris.to_pylist()]
     except storage.StorageError as e:
         raise CatalogError(f"catalog {storage.redact(uri)}: {e}") from None
     return pa.record_batch([ids, pa.array(resolved, pa.string())], schema=CATALOG_SCHEMA)
+
+
+def _text_column(batch: pa.RecordBatch, name: str, uri: str, offset: int) -> pa.Array:
+    """The column as UTF-8 strings; a value that is not UTF-8 (or a column that is no text) is named."""
+    col = batch.column(name)
+    if pa.types.is_string(col.type):
+        return col
+    try:
+        return col.cast(pa.string())
+    except pa.ArrowInvalid:  # binary → string validates UTF-8
+        row, byte = _first_non_utf8(col)
+        raise CatalogError(
+            f"catalog {storage.redact(uri)}: data row {offset + row + 1} has {_a(name)} that is not UTF-8 "
+            f"text (byte {byte:#04x}); save the catalog as UTF-8"
+        ) from None
+    except (pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        raise CatalogError(
+            f"catalog {storage.redact(uri)}: column {name} holds {col.type}, not text"
+        ) from None
+
+
+def _a(name: str) -> str:
+    return "an image_id" if name == "image_id" else f"a {name}"
+
+
+def _first_non_utf8(values: pa.Array) -> tuple[int, int]:
+    """(index, first bad byte) of the first value that is not UTF-8 (only called once a cast failed)."""
+    for i, value in enumerate(values.to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return i, value[e.start]
+    return 0, 0
 
 
 # ---- folder / prefix listings ---------------------------------------------------------------------------

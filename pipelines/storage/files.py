@@ -81,6 +81,14 @@ def list_files(uri: str) -> list[tuple[str, int]]:
     return sorted(out)
 
 
+def delete_file(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def delete_dir(uri: str) -> None:
     fs, path = filesystem(uri)
     try:
@@ -90,21 +98,318 @@ def delete_dir(uri: str) -> None:
 
 
 TABLE_EXTENSIONS = (".parquet", ".pq", ".csv", ".csv.gz", ".tsv")
+CSV_BLOCK_BYTES = 16 << 20  # pyarrow parses CSV in blocks: no line may be longer than this
 
 
 def read_table(uri: str) -> pa.Table:
-    """A Parquet or CSV file (by extension) as an Arrow table; CSV columns are read as strings."""
+    """A Parquet or CSV file (by extension) as an Arrow table; CSV columns are read as strings.
+
+    A file that is no such table (empty, binary, not UTF-8, not Parquet, a line over CSV_BLOCK_BYTES) is
+    one StorageError line naming it, and the data row when it is known.
+    """
     uri = normalize(uri)
     lower = uri.lower()
     if not lower.endswith(TABLE_EXTENSIONS):
         raise StorageError(f"unsupported table format (want .parquet or .csv): {uri}")
     fs, path = filesystem(uri)
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
         raise StorageError(f"not found: {uri}")
-    if lower.endswith((".parquet", ".pq")):
-        return pq.read_table(path, filesystem=fs)
-    with fs.open_input_stream(path, compression="detect") as f:
-        opts = pacsv.ConvertOptions(strings_can_be_null=False, column_types=None)
-        delimiter = "\t" if lower.endswith(".tsv") else ","
-        table = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter=delimiter), convert_options=opts)
-    return table.cast(pa.schema([(name, pa.string()) for name in table.column_names]))
+    if info.size == 0:
+        raise StorageError(f"{uri} is empty (0 bytes): a table needs a header line and rows")
+    parquet = lower.endswith((".parquet", ".pq"))
+    try:
+        if parquet:
+            table = pq.read_table(path, filesystem=fs)
+        else:
+            with fs.open_input_stream(path, compression="detect") as f:
+                table = pacsv.read_csv(
+                    f,
+                    read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
+                    parse_options=pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ","),
+                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
+                )
+        names = table.column_names  # decoded to str here: a header that is not UTF-8 fails now
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # pyarrow's: the file's fault
+        raise StorageError(_unreadable_table(uri, fs, path, parquet, e)) from None
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise StorageError(f"{uri}: column(s) {', '.join(_printable(n, 40) for n in dup[:5])} appear twice")
+    return table if parquet else _as_strings(table, uri)
+
+
+def _as_strings(table: pa.Table, uri: str) -> pa.Table:
+    columns = []
+    for name, col in zip(table.column_names, table.columns, strict=True):
+        try:
+            columns.append(col.cast(pa.string()))
+        except pa.ArrowInvalid:  # a column pyarrow read as bytes because a value is not UTF-8
+            row, byte = _first_non_utf8(col.combine_chunks())
+            raise StorageError(
+                f"{uri}: data row {row + 1}, column {_printable(name, 40)}, is not UTF-8 text "
+                f"(byte {byte:#04x}); save the file as UTF-8"
+            ) from None
+    return pa.table(columns, names=table.column_names)
+
+
+def _first_non_utf8(values: pa.Array) -> tuple[int, int]:
+    """(index, first bad byte) of the first value that is not UTF-8 (only called once a cast failed)."""
+    for i, value in enumerate(values.to_pylist()):
+        try:
+            if value is not None:
+                value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return i, value[e.start]
+    return 0, 0
+
+
+def _unreadable_table(uri: str, fs, path: str, parquet: bool, e: BaseException) -> str:
+    """One line for a pyarrow read / parse error: what is wrong with the file, not where pyarrow was."""
+    kind = "Parquet" if parquet else "CSV"
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "straddl" in text:
+        why = f"a line longer than {CSV_BLOCK_BYTES >> 20} MiB (a huge field, or an unclosed quote)"
+    elif not parquet and _looks_binary(fs, path):
+        why = "binary data, not CSV text"
+    elif isinstance(e, UnicodeDecodeError):  # pyarrow decodes the column names to Python str
+        why = "its header line is not UTF-8 text; save the file as UTF-8"
+    else:
+        why = _printable(text, 200)
+    return f"{uri} is not a readable {kind} file: {why}"
+
+
+def _looks_binary(fs, path: str) -> bool:
+    try:
+        with fs.open_input_stream(path, compression="detect") as f:
+            return b"\x00" in f.read(4096)
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def _printable(text: str, limit: int) -> str:
+    """Text from a hostile file, fit for one line of a message: control characters escaped, cut short."""
+    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit + 1])
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+# ---- listing a tree (vacuum) ----------------------------------------------------------------------------
+
+
+def list_tree(uri: str) -> list[tuple[str, int, float]]:
+    """(uri, size, mtime in epoch seconds) of every file under a folder / prefix, hidden ones included,
+    sorted; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    except FileNotFoundError:
+        return []
+    base, root = normalize(uri).rstrip("/"), path.rstrip("/")
+    out = [
+        (f"{base}{info.path[len(root):]}", int(info.size or 0), info.mtime.timestamp() if info.mtime else 0.0)
+        for info in infos
+        if info.type == pafs.FileType.File and info.path.startswith(root)
+    ]
+    return sorted(out)
+
+
+def list_dirs(uri: str) -> list[str]:
+    """The folders (S3: common prefixes) directly under a folder / prefix, sorted."""
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+    except FileNotFoundError:
+        return []
+    base = normalize(uri).rstrip("/")
+    return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.Directory)
+
+
+def remove_empty_dir(uri: str) -> None:
+    """A local folder left empty, and the empty folders in it (S3 has no folders: nothing to do)."""
+    fs, path = filesystem(uri)
+    if fs is _LOCAL:
+        for folder, _, _ in [*os.walk(path, topdown=False)] or [(path, [], [])]:
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (someone wrote into it meanwhile) or already gone
+                pass
+
+
+# ---- conditional writes: one small object changed by one writer at a time (the run lease) ----------------
+#
+# S3: conditional PUT / DELETE (If-None-Match: *, If-Match: <ETag>), through the boto client of `aws`.
+# Local disk: a hard link of a fully written temporary file creates a file only if absent (O_CREAT|O_EXCL
+# where the filesystem has no hard links); a replace or delete compares the file's identity (inode,
+# mtime, size) and swaps it under an exclusive flock on its folder. The token of a version is its ETag
+# (S3) or that identity (local). Temporary files are written beside the folder, not in it, so that a
+# concurrent removal of the folder (a run's staging after its commit) never finds a stranger in it.
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def _lost_race(exc: BaseException) -> bool:
+    """An S3 precondition that did not hold: the object changed, exists, or is gone (or a concurrent
+    conditional write is in flight: 409)."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return False
+    code = str((response.get("Error") or {}).get("Code") or "")
+    status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
+    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412)
+
+
+def _local_token(st: os.stat_result) -> str:
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+def _write_hidden(folder: str, name: str, data: bytes) -> str:
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create a file with this content unless one exists; True when this call created it. Of concurrent
+    callers exactly one gets True, and a reader sees the whole content or no file."""
+    uri = normalize(uri)
+    if uri.startswith("s3://"):
+        bucket, key = _bucket_key(uri)
+        try:
+            aws.boto_s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            return True
+        except Exception as e:
+            if _lost_race(e):
+                return False
+            raise
+    _, path = filesystem(uri)
+    folder, name = os.path.split(path)
+    tmp = _write_hidden(_beside(folder), name, data)
+    try:
+        for _ in range(3):
+            os.makedirs(folder, exist_ok=True)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                continue  # the folder was removed meanwhile: make it again
+            except OSError:  # a filesystem without hard links
+                return _create_excl(path, data)
+        raise FileNotFoundError(path)
+    finally:
+        os.unlink(tmp)
+
+
+def _beside(folder: str) -> str:
+    return os.path.dirname(folder.rstrip("/")) or folder
+
+
+def _create_excl(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    return True
+
+
+def read_versioned(uri: str) -> tuple[bytes, str] | None:
+    """(content, token of this version), or None when there is no such file."""
+    uri = normalize(uri)
+    if uri.startswith("s3://"):
+        bucket, key = _bucket_key(uri)
+        try:
+            response = aws.boto_s3().get_object(Bucket=bucket, Key=key)
+        except Exception as e:
+            if _lost_race(e):
+                return None
+            raise
+        with response["Body"] as body:
+            return body.read(), str(response["ETag"])
+    _, path = filesystem(uri)
+    try:
+        with open(path, "rb") as f:
+            return f.read(), _local_token(os.fstat(f.fileno()))
+    except FileNotFoundError:
+        return None
+
+
+class _FolderLock:
+    """An exclusive flock on a local folder: the compare and the swap of a conditional write as one step."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def __enter__(self) -> _FolderLock:
+        import fcntl  # POSIX only; imported where a local conditional write needs it
+
+        self.fd = os.open(self.folder, os.O_RDONLY)  # FileNotFoundError when the folder is gone
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)  # releases the lock
+
+
+def replace_if_unchanged(uri: str, data: bytes, token: str) -> str | None:
+    """Replace the file's content if it is still the version `token`; the new token, or None when the
+    file changed or is gone."""
+    uri = normalize(uri)
+    if uri.startswith("s3://"):
+        bucket, key = _bucket_key(uri)
+        try:
+            return str(aws.boto_s3().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=token)["ETag"])
+        except Exception as e:
+            if _lost_race(e):
+                return None
+            raise
+    _, path = filesystem(uri)
+    folder, name = os.path.split(path)
+    try:
+        with _FolderLock(folder):
+            try:
+                if _local_token(os.stat(path)) != token:
+                    return None
+            except FileNotFoundError:
+                return None
+            tmp = _write_hidden(_beside(folder), name, data)
+            new = _local_token(os.stat(tmp))
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.unlink(tmp)
+                raise
+            return new
+    except FileNotFoundError:  # the folder itself is gone
+        return None
+
+
+def delete_if_unchanged(uri: str, token: str) -> bool:
+    """Delete the file if it is still the version `token`; True when this call deleted it."""
+    uri = normalize(uri)
+    if uri.startswith("s3://"):
+        bucket, key = _bucket_key(uri)
+        try:
+            aws.boto_s3().delete_object(Bucket=bucket, Key=key, IfMatch=token)
+            return True
+        except Exception as e:
+            if _lost_race(e):
+                return False
+            raise
+    _, path = filesystem(uri)
+    try:
+        with _FolderLock(os.path.dirname(path)):
+            if _local_token(os.stat(path)) != token:
+                return False
+            os.unlink(path)
+            return True
+    except FileNotFoundError:
+        return False

@@ -189,3 +189,109 @@ def test_augmentation_flips_and_crops_uint8_batches_in_place_shape():
     assert set(out) == {"image", "labels", "mask"} and len(out["image"]) == 7
     with pytest.raises(ValueError, match="unknown augmentation"):
         augment.Augment.parse("rotate")
+
+
+# ---- hostile annotation files: one line naming the file (and the data row when known) -------------------
+
+import io  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipelines.storage import StorageError  # noqa: E402
+
+_HEADER = b"image_id,uri,labels,split\n"
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+HOSTILE_ANNOTATIONS = {
+    "latin-1 id": (
+        "a.csv",
+        _HEADER + b"i0,a.jpg,cat,train\ncaf\xe9,b.jpg,dog,val\n",
+        StorageError,
+        r"data row 2, column image_id, is not UTF-8 text \(byte 0xe9\); save the file as UTF-8",
+    ),
+    "latin-1 header": (
+        "a.csv",
+        b"image_id,uri,l\xe4bels\ni0,a.jpg,cat\n",
+        StorageError,
+        "header line is not UTF-8",
+    ),
+    "10 MB uri": (
+        "a.csv",
+        _HEADER + b"i0,a.jpg,cat,train\ni1," + b"u" * (10 << 20) + b",dog,val\n",
+        AnnotationError,
+        r"data row 2: uri is 10485760 characters long \(at most 8192\)",
+    ),
+    "20 MB labels": (
+        "a.csv",
+        _HEADER + b"i0,a.jpg," + b"c" * (20 << 20) + b",train\n",
+        AnnotationError,
+        r"data row 1: labels is 20971520 characters long \(at most 1048576\)",
+    ),
+    "40 MB line": (
+        "a.csv",
+        _HEADER + b"i0,a.jpg," + b"c" * (40 << 20) + b",train\n",
+        StorageError,
+        "is not a readable CSV file: a line longer than 16 MiB",
+    ),
+    "csv missing labels": (
+        "a.csv",
+        b"image_id,uri\ni0,a.jpg\n",
+        AnnotationError,
+        r"missing column\(s\) labels",
+    ),
+    "parquet missing uri": (
+        "a.parquet",
+        _parquet(pa.table({"image_id": ["i0"], "labels": [["cat"]]})),
+        AnnotationError,
+        r"missing column\(s\) uri \(have: image_id, labels\)",
+    ),
+    "empty csv": ("a.csv", b"", StorageError, r"is empty \(0 bytes\)"),
+    "empty parquet": ("a.parquet", b"", StorageError, r"is empty \(0 bytes\)"),
+    "binary csv": ("a.csv", np.random.default_rng(1).bytes(4096), StorageError, "binary data, not CSV text"),
+    "csv as parquet": (
+        "a.parquet",
+        _HEADER + b"i0,a.jpg,cat,train\n",
+        StorageError,
+        "not a readable Parquet file",
+    ),
+    "ragged csv": (
+        "a.csv",
+        _HEADER + b"i0,a.jpg\n",
+        StorageError,
+        "CSV parse error: Expected 4 columns, got 2",
+    ),
+    "duplicate columns": (
+        "a.csv",
+        b"image_id,uri,labels,uri\ni0,a,cat,b\n",
+        StorageError,
+        r"column\(s\) uri appear twice",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_ANNOTATIONS))
+def test_a_hostile_annotations_file_is_one_line_naming_it(tmp_path, taxonomy_with_unseen, name):
+    filename, data, error, pattern = HOSTILE_ANNOTATIONS[name]
+    path = tmp_path / filename
+    path.write_bytes(data)
+    with pytest.raises(error, match=pattern) as info:
+        annotations.load(str(path), taxonomy_with_unseen)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message and len(message) < 500
+    assert info.value.__cause__ is None
+
+
+def test_thousands_of_huge_junk_labels_make_a_short_message(tmp_path, taxonomy_with_unseen):
+    rows = _rows(200)
+    for k, row in enumerate(rows):
+        row["labels"] = [f"junk-{k}-" + "x" * 5000]
+    with pytest.raises(AnnotationError, match=r"200 label\(s\) not in the taxonomy: .* and 180 more") as info:
+        annotations.load(_write(tmp_path, rows), taxonomy_with_unseen)
+    assert len(str(info.value)) < 2000 and "\n" not in str(info.value)

@@ -65,3 +65,258 @@ def test_loading_a_missing_or_partial_folder_is_a_clear_error(tmp_path, trained_
     (tmp_path / "m" / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="has no model.safetensors"):
         checkpoint.load(tmp_path / "m")
+
+
+# ---- hostile model folders: a one-line ModelError, nothing allocated, nothing executed -------------------
+
+import hashlib  # noqa: E402
+import pickle  # noqa: E402  (only to build a hostile file; the code under test must never unpickle it)
+import sys  # noqa: E402
+
+from mumic_core import model as model_mod  # noqa: E402
+
+
+@pytest.fixture
+def folder(tmp_path, tiny_model_untrained):
+    checkpoint.save(tiny_model_untrained, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def edit_config(folder, change) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    change(cfg)
+    path.write_text(json.dumps(cfg))
+
+
+def refused(folder, match: str) -> str:
+    for call in (checkpoint.read_config, checkpoint.load):
+        with pytest.raises(ModelError, match=match) as info:
+            call(folder)
+        assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.fixture
+def no_layers(monkeypatch):
+    """Fail the test if a CLIP is built: refusals must come before anything is allocated."""
+
+    def built(*args, **kwargs):
+        raise AssertionError("a CLIP was built")
+
+    monkeypatch.setattr(model_mod.open_clip, "CLIP", built)
+    monkeypatch.setattr(model_mod.open_clip, "CustomTextCLIP", built)
+
+
+def test_unknown_top_level_fields_are_refused_by_name(folder, no_layers):
+    edit_config(folder, lambda c: c.update(evil_hook="x", pyfunc_loader="y"))
+    message = refused(folder, r"unknown field\(s\) 'evil_hook', 'pyfunc_loader'")
+    assert str(folder) in message
+
+
+def test_unknown_fields_in_model_are_refused_by_name_instead_of_dropped(folder, no_layers):
+    edit_config(folder, lambda c: c["model"].update(quantize="int2", trust_remote_code=True))
+    refused(folder, r"unknown model field\(s\) 'quantize', 'trust_remote_code'")
+    with pytest.raises(ModelError, match="unknown model field"):
+        model_mod.ModelConfig.from_dict({"backbone": "mumic-tiny", "quantize": "int2"})
+
+
+def test_unknown_preprocessing_fields_and_a_bad_weights_sha256_are_refused(folder, no_layers):
+    edit_config(folder, lambda c: c["preprocessing"].update(run="rm -rf /"))
+    refused(folder, "'preprocessing' must be an object of image_size, mean, std, resize_mode, input")
+    edit_config(folder, lambda c: (c["preprocessing"].pop("run"), c.update(weights_sha256="abc")))
+    refused(folder, "weights_sha256 must be 64 lowercase hex digits")
+
+
+def test_extra_keys_that_save_may_write_still_load(tmp_path, tiny_model_untrained):
+    checkpoint.save(tiny_model_untrained, tmp_path / "m", extra={"epoch": 3, "name": "shop", "version": "7"})
+    assert checkpoint.read_config(tmp_path / "m")["epoch"] == 3
+    checkpoint.load(tmp_path / "m")
+    with pytest.raises(ModelError, match="cannot hold surprise"):
+        checkpoint.save(tiny_model_untrained, tmp_path / "n", extra={"surprise": 1})
+
+
+@pytest.mark.parametrize(
+    "where, key, value",
+    [
+        ("vision_cfg", "width", 10**6),
+        ("vision_cfg", "layers", 10**4),
+        ("vision_cfg", "image_size", 10**5),
+        ("vision_cfg", "patch_size", 0),
+        ("", "embed_dim", 10**6),
+        ("text_cfg", "context_length", 10**6),
+        ("text_cfg", "vocab_size", 10**9),
+        ("text_cfg", "heads", -2),
+        ("text_cfg", "layers", "12"),
+        ("text_cfg", "width", True),
+        ("vision_cfg", "image_size", [64, 10**6]),
+        ("vision_cfg", "mlp_ratio", float("inf")),
+    ],
+)
+def test_absurd_architecture_sizes_are_refused_before_anything_is_allocated(
+    folder, no_layers, where, key, value
+):
+    def change(cfg):
+        arch = cfg["model"]["arch"]
+        (arch[where] if where else arch)[key] = value
+
+    edit_config(folder, change)
+    name = f"{where}.{key}" if where else key
+    refused(folder, rf"model\.arch: {name} = .* is outside 1\.\.\d+")
+
+
+def test_sizes_each_within_bounds_but_absurd_together_are_refused(folder, no_layers):
+    def change(cfg):
+        cfg["model"]["arch"]["vision_cfg"].update(width=16_384, layers=256, head_width=64)
+
+    edit_config(folder, change)
+    refused(folder, r"about .* parameters, above the limit")
+
+
+def test_build_clip_and_a_backbone_json_file_are_bounded_too(tmp_path, no_layers):
+    arch = model_mod.resolve_arch("mumic-tiny")
+    arch["text_cfg"]["context_length"] = 10**6
+    with pytest.raises(ModelError, match=r"text_cfg\.context_length = 1000000 is outside"):
+        model_mod.build_clip(arch)
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    with pytest.raises(ModelError, match=r"arch\.json: text_cfg\.context_length"):
+        model_mod.resolve_arch(str(tmp_path / "arch.json"))
+    (tmp_path / "bad.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ModelError, match="is not JSON"):
+        model_mod.resolve_arch(str(tmp_path / "bad.json"))
+
+
+def test_every_open_clip_architecture_is_within_the_bounds():
+    for name in model_mod.open_clip.list_models():
+        model_mod.check_arch(model_mod.open_clip.get_model_config(name), name)
+
+
+def test_an_architecture_field_open_clip_does_not_know_is_a_model_error():
+    arch = model_mod.resolve_arch("mumic-tiny")
+    arch["vision_cfg"]["exec_on_load"] = "import os"
+    with pytest.raises(ModelError, match="architecture not understood by open_clip"):
+        model_mod.build_clip(arch)
+
+
+def flip_last_byte(path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01  # inside the last tensor's data: still a valid safetensors file
+    path.write_bytes(bytes(raw))
+
+
+def test_weights_whose_sha256_differs_from_the_config_are_refused_on_load(folder):
+    flip_last_byte(folder / "model.safetensors")
+    with pytest.raises(
+        ModelError, match=r"model\.safetensors has sha256 [0-9a-f]{16}\.\.\., config\.json says"
+    ):
+        checkpoint.load(folder)
+    edit_config(folder, lambda c: c.pop("weights_sha256"))  # an older folder: nothing to check against
+    checkpoint.load(folder)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"{not json", r"is not JSON: Expecting property name .* at line 1 column 2"),
+        (b'{"model": "caf\xe9"}', r"is not UTF-8 text \(byte 0xe9 at offset 14\)"),
+        (b"[1, 2, 3]", "must hold a JSON object, not list"),
+        (b"[" * 200_000 + b"]" * 200_000, r"is not a usable JSON document \(RecursionError\)"),
+        (b'{"tau": ' + b"9" * 10_000 + b"}", r"is not a usable JSON document \(ValueError\)"),
+        (b"", r"is not JSON: Expecting value at line 1 column 1"),
+    ],
+    ids=["not-json", "latin-1", "array", "nested", "huge-int", "empty"],
+)
+def test_a_config_that_is_not_a_utf8_json_object_is_a_model_error(folder, content, match):
+    (folder / "config.json").write_bytes(content)
+    refused(folder, match)
+
+
+def test_a_huge_config_is_refused_after_reading_only_the_limit(folder, monkeypatch):
+    (folder / "config.json").write_bytes(b"{" + b" " * checkpoint.MAX_CONFIG_BYTES + b"}")
+    reads = []
+    real_open = checkpoint.fsspec.open
+
+    class Spy:
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n=-1):
+            reads.append(n)
+            return self.f.read(n)
+
+    class SpyOpen:
+        def __init__(self, *a, **k):
+            self.cm = real_open(*a, **k)
+
+        def __enter__(self):
+            return Spy(self.cm.__enter__())
+
+        def __exit__(self, *exc):
+            return self.cm.__exit__(*exc)
+
+    monkeypatch.setattr(checkpoint.fsspec, "open", SpyOpen)
+    refused(folder, "is over 16 MiB: not a model config")
+    assert reads and all(0 < n <= checkpoint.MAX_CONFIG_BYTES + 1 for n in reads)
+
+
+class _Payload:
+    """Unpickling this creates the marker file: proof that something ran code from the artifact."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch-zip"])
+def test_weights_that_are_not_safetensors_are_refused_without_unpickling(folder, tmp_path, kind):
+    marker = tmp_path / "PWNED"
+    weights = folder / "model.safetensors"
+    if kind == "pickle":
+        weights.write_bytes(pickle.dumps({"clip.visual.conv1.weight": _Payload(marker)}))
+    else:
+        torch.save({"clip.visual.conv1.weight": _Payload(marker)}, weights)
+    assert not marker.exists()
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    edit_config(folder, lambda c: c.update(weights_sha256=digest))  # a consistent, hostile folder
+    with pytest.raises(ModelError, match=r"model\.safetensors is not a safetensors file") as info:
+        checkpoint.load(folder)
+    assert "\n" not in str(info.value)
+    assert not marker.exists()
+
+
+def test_loading_reads_only_the_config_and_the_weights_and_runs_no_code_in_the_folder(
+    folder, tmp_path, monkeypatch
+):
+    marker = tmp_path / "PWNED"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for name in ("pyfunc_model.py", "__init__.py", "model_code.py", "conftest.py"):
+        (folder / name).write_text(code)
+    (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    (folder / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: pyfunc_model\n")
+    opened = []
+    real_open = checkpoint.fsspec.open
+
+    def spy(path, *args, **kwargs):
+        opened.append(str(path).rsplit("/", 1)[-1])
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.fsspec, "open", spy)
+    modules_before = set(sys.modules)
+    loaded = checkpoint.load(folder)
+    assert sorted(set(opened)) == ["config.json", "model.safetensors"]
+    assert not marker.exists()
+    assert not {m for m in set(sys.modules) - modules_before if "pyfunc_model" in m or "model_code" in m}
+    assert loaded.score(batch()).shape == (5, len(loaded.taxonomy))
+
+
+def test_weights_of_the_wrong_shape_are_a_model_error(folder, tiny_model_untrained):
+    from safetensors.torch import save as st_save
+
+    state = {k: v.clone() for k, v in tiny_model_untrained.state_dict().items()}
+    state["clip.visual.conv1.weight"] = torch.zeros(1, 2, 3)
+    (folder / "model.safetensors").write_bytes(st_save(state))
+    edit_config(folder, lambda c: c.pop("weights_sha256"))
+    with pytest.raises(ModelError, match="saved weights do not fit the config: .*size mismatch"):
+        checkpoint.load(folder)

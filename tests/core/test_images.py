@@ -556,3 +556,307 @@ def test_load_for_model_refuses_what_decode_refuses(bomb, no_big_allocations):
     with pytest.raises(ImageError) as info:
         load_for_model(encode(noise(), "JPEG")[:2000], 224)
     assert info.value.reason == "truncated"
+
+
+# --- hostile input: a typed, one-line ImageError, never a crash or a blow-up ------------------------------
+
+from mumic_core import images  # noqa: E402  (the module itself: its private steps are fault-injected)
+from mumic_core.images import MAX_ASPECT_RATIO, load_many  # noqa: E402
+
+
+def png_chunk(tag: bytes, body: bytes, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return struct.pack(">I", size) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+
+def raw_png(width: int, height: int, bit_depth: int, colour_type: int, row: bytes, level: int = 9) -> bytes:
+    """A PNG built by hand from one repeated scanline (filter byte included): any depth, any size."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    idat = zlib.compress(row * height, level)
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+    )
+
+
+def sixteen_bit(kind: str, w: int, h: int) -> bytes:
+    """16-bit (and 32-bit int) files as catalogs get them; every pixel is 0x8000-ish (top byte 0x80..0x9f)."""
+    if kind == "PNG I;16":  # grayscale PNG: Pillow opens it as I;16
+        return raw_png(w, h, 16, 0, b"\x00" + b"\x80\x10" * w)
+    if kind == "PNG RGB 16":
+        return raw_png(w, h, 16, 2, b"\x00" + b"\x80\x10\x90\x20\x9f\x30" * w)
+    if kind == "PNG RGBA 16":
+        return raw_png(w, h, 16, 6, b"\x00" + b"\x80\x10\x90\x20\x9f\x30\xff\xff" * w)
+    values = np.full((h, w), 0x8010, np.uint16)
+    if kind == "TIFF I;16B":
+        img = Image.frombytes("I;16B", (w, h), values.astype(">u2").tobytes())
+    else:  # "TIFF I": 32-bit int
+        img = Image.fromarray(values.astype(np.int32))
+    return encode(img, "TIFF", compression="tiff_deflate")
+
+
+def traced_peak(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("kind", ["PNG I;16", "PNG RGB 16", "PNG RGBA 16", "TIFF I;16B", "TIFF I"])
+def test_16_bit_images_decode_without_a_wide_full_size_copy(kind):
+    w, h = 3000, 2000  # 6 MP; the old int64 path peaked at 16 bytes per pixel (96 MB) for PNG I;16
+    data = sixteen_bit(kind, w, h)
+    opened = Image.open(io.BytesIO(data))
+    assert opened.size == (w, h)
+    peak = traced_peak(lambda: load_for_model(data, 64))
+    # one uint8 plane plus small strips; any int32/int64 copy of the whole image is >= 4 bytes a pixel
+    assert peak < 3 * w * h, f"{kind} ({opened.mode}): peak {peak / (w * h):.1f} bytes per pixel"
+    out = load_for_model(data, 64)
+    assert out.shape == (3, 64, 64) and out.dtype == np.uint8
+    assert 0x80 <= int(out[0].min()) <= int(out.max()) <= 0xFF  # the top 8 bits, not clipped to 255
+
+
+@pytest.mark.parametrize("mode, dtype", [("I;16B", ">u2"), ("I;16L", "<u2"), ("I", np.int32)])
+def test_every_16_bit_mode_keeps_its_top_8_bits(mode, dtype):
+    values = np.array([[0, 255, 256, 4096, 32768, 49152, 65280, 65535]])
+    img = Image.frombytes(mode, (8, 1), values.astype(dtype).tobytes())
+    rgb = images._to_rgb(img)
+    assert [pixel(rgb, (x, 0))[0] for x in range(8)] == [0, 0, 1, 16, 128, 192, 255, 255]
+
+
+def test_a_32_bit_int_image_outside_0_65535_is_clipped_not_wrapped():
+    img = Image.fromarray(np.array([[-5, 70_000, 2**31 - 1]], np.int32))
+    assert [pixel(images._to_rgb(img), (x, 0))[0] for x in range(3)] == [0, 255, 255]
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (RuntimeError("plugin exploded"), "corrupt"),
+        (np.linalg.LinAlgError("numpy says no"), "corrupt"),
+        (AttributeError("'NoneType' object has no attribute 'tile'"), "corrupt"),
+        (MemoryError(), "too_large"),
+    ],
+)
+def test_any_other_exception_while_decoding_becomes_a_typed_error(monkeypatch, error, reason):
+    def boom(img, data):
+        raise error
+
+    monkeypatch.setattr(images, "_load", boom)
+    data = encode(solid(RED), "PNG")
+    for call in (lambda: decode(data), lambda: load_for_model(data, 64)):
+        with pytest.raises(ImageError) as info:
+            call()
+        assert info.value.reason == reason
+        assert type(error).__name__ in str(info.value)  # ours or the file's: the type says which
+        assert "\n" not in str(info.value)
+    pixels, ok, errors = load_many([data, None], 64)
+    assert pixels.shape == (0, 3, 64, 64) and ok.tolist() == [False, False]
+    assert errors[0].startswith(f"{reason}: ") and errors[1] is None
+
+
+def test_keyboard_interrupt_and_a_wrong_argument_are_not_swallowed(monkeypatch):
+    data = encode(solid(RED), "PNG")
+    with pytest.raises(ValueError, match="resize_mode"):
+        load_for_model(data, 64, resize_mode="stretch")
+
+    def interrupted(img, data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(images, "_load", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_for_model(data, 64)
+
+
+def gif_header(width: int, height: int) -> bytes:
+    return b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + b"\x2c" + bytes(8) + b"\x3b"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        raw_png(0, 0, 8, 0, b""),
+        raw_png(0, 10, 8, 0, b"\x00"),
+        raw_png(10, 0, 8, 0, b"\x00" + bytes(10)),
+        gif_header(0, 0),
+        b"BM"
+        + struct.pack("<IHHI", 62, 0, 0, 54)
+        + struct.pack("<IiiHHIIiiII", 40, 0, 0, 1, 24, 0, 0, 0, 0, 0, 0),
+    ],
+    ids=["png-0x0", "png-0x10", "png-10x0", "gif-0x0", "bmp-0x0"],
+)
+def test_zero_sized_images_get_a_typed_error(data):
+    with pytest.raises(ImageError) as info:
+        load_for_model(data, 64)
+    # Pillow refuses them in its header parser: PNG/GIF signatures say corrupt; BMP has no signature here
+    assert info.value.reason in ("corrupt", "truncated", "not_an_image")
+
+
+def test_check_aspect_refuses_a_zero_side_even_if_a_plugin_lets_it_through():
+    with pytest.raises(ImageError, match="corrupt: PNG is 0x5"):
+        images._check_aspect(0, 5, "PNG")
+
+
+@pytest.mark.parametrize("size", [(1, 100_000), (100_000, 1), (101, 1), (3, 400)])
+def test_an_absurd_aspect_ratio_is_refused_from_the_header_before_decoding_or_resizing(monkeypatch, size):
+    def no_pixels(img, data):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(images, "_load", no_pixels)
+    data = blank_png(*size)
+    for call in (lambda: decode(data), lambda: load_for_model(data, 64, resize_mode="squash")):
+        with pytest.raises(
+            ImageError, match=r"^unsupported: PNG \d+x\d+: aspect ratio \d+:1 is above"
+        ) as info:
+            call()
+        assert info.value.reason == "unsupported"
+
+
+def test_an_aspect_ratio_of_exactly_the_limit_still_decodes():
+    assert load_for_model(blank_png(MAX_ASPECT_RATIO, 1), 64).shape == (3, 64, 64)
+    assert load_for_model(encode(patches(400, 4), "JPEG"), 64).shape == (3, 64, 64)
+
+
+def test_preprocess_refuses_an_absurd_aspect_ratio_instead_of_allocating_a_huge_resize():
+    with pytest.raises(ImageError, match="aspect ratio 100000:1"):
+        preprocess(Image.new("RGB", (1, 100_000)), 64)
+
+
+def junk_exif(n: int = 60_000, seed: int = 0) -> bytes:
+    """A TIFF-looking EXIF header (big-endian, IFD at 8) claiming 0xffff entries, then random bytes."""
+    return b"MM\x00*\x00\x00\x00\x08\xff\xff" + np.random.default_rng(seed).bytes(n)
+
+
+def huge_valid_exif() -> bytes:
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 60_000  # ImageDescription: 60 KB of text
+    exif[_ORIENTATION] = 1
+    return exif.tobytes()
+
+
+_ORIENTATION = 0x0112
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("exif", ["junk", "huge", "junk-jpeg-prefixed"])
+def test_a_huge_or_malformed_exif_block_is_ignored(fmt, exif):
+    blob = {
+        "junk": junk_exif(),
+        "huge": huge_valid_exif(),
+        "junk-jpeg-prefixed": b"Exif\x00\x00" + junk_exif(seed=1),
+    }[exif]
+    data = encode(solid(RED, (32, 32)), fmt, exif=blob)
+    if fmt != "TIFF":  # a TIFF's EXIF is parsed into tags on save; the junk one is below
+        assert len(data) > 50_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns "Corrupt EXIF data" for some of these
+        img = decode(data)
+    assert img.size == (32, 32) and close(pixel(img, (16, 16)), RED, tol=3)
+
+
+def tiff_with_a_bad_exif_pointer() -> bytes:
+    """A TIFF whose ExifIFD pointer leads ~4 GB past its end (Pillow warns "Corrupt EXIF data")."""
+    from PIL import TiffImagePlugin
+
+    tags = TiffImagePlugin.ImageFileDirectory_v2()
+    tags[0x8769], tags.tagtype[0x8769] = 8, 4  # an ExifIFD pointer (LONG), rewritten below
+    data = bytearray(encode(solid(RED, (32, 32)), "TIFF", tiffinfo=tags))
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x8769:
+            struct.pack_into("<I", data, entry + 8, 0xFFFFFFF0)
+            return bytes(data)
+    raise AssertionError("no ExifIFD tag written")
+
+
+def test_a_tiff_whose_exif_pointer_leads_outside_the_file_is_decoded_ignoring_it():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = decode(tiff_with_a_bad_exif_pointer())
+    assert close(pixel(img, (16, 16)), RED)
+
+
+def test_a_corrupt_exif_warning_turned_into_an_error_is_still_a_typed_image_error():
+    data = tiff_with_a_bad_exif_pointer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a service run with -W error: Pillow's warning now raises
+        with pytest.raises(ImageError) as info:  # Pillow's TIFF load reads the EXIF itself
+            load_for_model(data, 64)
+    assert info.value.reason == "corrupt" and "UserWarning: Corrupt EXIF data" in info.value.detail
+
+
+def good_png() -> bytes:
+    return encode(solid(GREEN, (8, 8)), "PNG")
+
+
+def with_chunk_length(data: bytes, tag: bytes, length: int) -> bytes:
+    at = data.index(tag) - 4
+    return data[:at] + struct.pack(">I", length) + data[at + 4 :]
+
+
+@pytest.mark.parametrize("tag", [b"IHDR", b"IDAT", b"tEXt"])
+def test_a_bogus_png_chunk_length_is_typed_or_harmless(tag):
+    png = good_png()
+    if tag == b"tEXt":  # a text chunk before the pixels, claiming 4 GB
+        png = png[:33] + png_chunk(b"tEXt", b"Comment\x00hello", length=0xFFFFFFF0) + png[33:]
+    data = with_chunk_length(png, tag, 0xFFFFFFF0)
+    peak = 0
+    try:
+        peak = traced_peak(lambda: load_for_model(data, 64))
+    except ImageError as e:
+        assert e.reason in ("corrupt", "truncated") and "\n" not in str(e)
+    else:
+        # the pixels really are all there: decoded, and nothing near 4 GB was asked for
+        assert np.array_equal(load_for_model(data, 64), load_for_model(png, 64))
+    assert peak < 20_000_000
+    if tag == b"IHDR":
+        with pytest.raises(ImageError):
+            decode(data)
+
+
+def html_zip() -> bytes:
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("index.html", "<html><script>alert(document.cookie)</script></html>")
+    return buf.getvalue()
+
+
+def test_a_real_image_that_is_also_a_zip_or_has_script_appended_decodes_as_the_image():
+    import zipfile
+
+    jpeg_zip = encode(solid(RED, (32, 32)), "JPEG") + html_zip()
+    assert zipfile.is_zipfile(io.BytesIO(jpeg_zip))  # a valid ZIP too: the polyglot is real
+    gif_js = encode(solid(BLUE, (8, 8)).convert("P"), "GIF") + b"*/=1;alert(document.cookie);//"
+    png_html = good_png() + b"<html><script>alert(1)</script></html>"
+    for data, colour in ((jpeg_zip, RED), (gif_js, BLUE), (png_html, GREEN)):
+        assert close(pixel(decode(data), (4, 4)), colour, tol=3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff\xe0" + html_zip(),
+        b"\xff\xd8\xff<html><script>alert(1)</script></html>",
+        b"GIF89a/*\x00\x00\x00\x00\x00*/=alert(1);",
+        b"GIF89a/*" + b"\x00" * 4 + b"*/=1;alert(document.cookie);//",
+        b"\x89PNG\r\n\x1a\n<script>alert(1)</script>",
+        b"<html>\xff\xd8\xff\xe0 not really</html>",
+    ],
+    ids=[
+        "jpeg-magic+zip",
+        "jpeg-magic+html",
+        "gif-js-header",
+        "gif-js-short",
+        "png-magic+html",
+        "html+jpeg-magic",
+    ],
+)
+def test_a_polyglot_that_is_no_valid_image_gets_a_typed_one_line_error(data):
+    with pytest.raises(ImageError) as info:
+        load_for_model(data, 64)
+    assert info.value.reason in ("not_an_image", "corrupt", "truncated", "unsupported")
+    assert "\n" not in str(info.value)

@@ -398,3 +398,52 @@ def test_plan_puts_one_actor_on_each_gpu_and_can_ask_for_gpus_before_the_autosca
     assert (present.actors, present.actor_gpus) == (4, 1.0)
     scaling = plan_resources({"CPU": 2.0}, RetagOptions(gpus=3))  # a CPU head, GPU workers at 0 replicas
     assert (scaling.actors, scaling.actor_gpus) == (3, 1.0)
+
+
+# ---- decode: hostile input ------------------------------------------------------------------------------
+
+
+def png_by_hand(width: int, height: int, bit_depth: int, scanline: bytes) -> bytes:
+    """A grayscale PNG of one repeated scanline (filter byte included), any depth and size."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    idat = zlib.compress(scanline * height, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_decode_batch_gives_each_hostile_image_its_own_row_status_and_never_raises(monkeypatch):
+    from mumic_core import images
+
+    png16 = png_by_hand(2000, 1500, 16, b"\x00" + b"\xc0\x00" * 2000)  # 16-bit grey, a few KB on disk
+    sliver = png_by_hand(1, 5000, 8, b"\x00\x00")  # 1x5000: far past the aspect-ratio limit
+    plugin_bomb = jpeg_bytes(7)  # a valid file whose decoder raises something that is not Pillow's
+    real_load = images._load
+
+    def faulty_load(img, data):
+        if data == plugin_bomb:
+            raise RuntimeError("decoder plugin crashed")
+        return real_load(img, data)
+
+    monkeypatch.setattr(images, "_load", faulty_load)  # fault injection into the one decode path
+    batch = fetched(
+        [
+            ("good-1", jpeg_bytes(6), None),
+            ("sixteen-bit", png16, None),
+            ("plugin-bomb", plugin_bomb, None),
+            ("sliver", sliver, None),
+            ("good-2", jpeg_bytes(8), None),
+        ]
+    )
+    out = decode.decode_batch(batch, 64).to_pydict()
+    assert out["status"] == ["ok", "ok", "error", "error", "ok"]
+    assert out["error"][2].startswith("corrupt: unexpected RuntimeError: decoder plugin crashed")
+    assert out["error"][3].startswith("unsupported: PNG 1x5000: aspect ratio 5000:1")
+    assert all(e is None or "\n" not in e for e in out["error"])
+    ok, pixels = decode.pixels_of(decode.decode_batch(batch, 64), 64)
+    assert ok.tolist() == [True, True, False, False, True]
+    assert int(pixels[1].min()) == int(pixels[1].max()) == 0xC0  # the 16-bit grey, its top 8 bits
