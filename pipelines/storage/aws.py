@@ -104,6 +104,7 @@ def delta_storage_options(uri: str) -> dict[str, str]:
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         if os.environ.get(key):
             opts[key] = os.environ[key]
-    # Single writer per table (one retag run at a time): no external lock needed.
-    opts.setdefault("AWS_S3_ALLOW_UNSAFE_RENAME", "true")
+    # No AWS_S3_ALLOW_UNSAFE_RENAME: delta-rs writes each commit file with a conditional PUT
+    # (If-None-Match: *), so concurrent writers (two run ids at once) cannot overwrite each other's commit.
+    # S3 has supported it since 2024; MinIO and the local test server do too.
     return opts
