@@ -26,12 +26,15 @@ from jobs import (
     cmd_search,
     cmd_tag,
     cmd_train,
+    cmd_vacuum,
     options,
 )
 from jobs.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
 from jobs.options import Option, load_job_config
 
-COMMANDS = (cmd_quickstart, cmd_train, cmd_evaluate, cmd_promote, cmd_retag, cmd_tag, cmd_search, cmd_runs)
+COMMANDS = (
+    cmd_quickstart, cmd_train, cmd_evaluate, cmd_promote, cmd_retag, cmd_tag, cmd_search, cmd_runs, cmd_vacuum
+)
 _BY_NAME = {mod.NAME: mod for mod in COMMANDS}
 
 __all__ = [
@@ -137,23 +140,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return int(_BY_NAME[inv.command].run(*inv.options) or EXIT_OK)
     except UserError as e:
-        print(f"mumic: error: {e}", file=sys.stderr)
+        print(f"mumic: error: {_redacted(str(e))}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print("mumic: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # user-fixable errors from the library are typed ValueErrors with one line
         # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
-        # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
         from mumic_core.images import ImageError
         from mumic_core.model import ModelError
         from mumic_core.taxonomy import TaxonomyError
         from pipelines.storage import StorageError, redact
 
-        if isinstance(e, (ModelError, TaxonomyError, StorageError, ImageError, FileNotFoundError, PermissionError)):
+        mlflow_errors = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", ())  # if MLflow ran
+        user_caused = (ModelError, TaxonomyError, StorageError, ImageError, FileNotFoundError, PermissionError)
+        if isinstance(e, user_caused) or (mlflow_errors and isinstance(e, mlflow_errors)):
             print(f"mumic: error: {redact(str(e)).splitlines()[0]}", file=sys.stderr)
             return EXIT_FAILED
         raise
+
+
+def _redacted(message: str) -> str:
+    if "pipelines.storage" not in sys.modules:  # nothing ran that could have put a credential in it
+        return message
+    return sys.modules["pipelines.storage"].redact(message)
 
 
 if __name__ == "__main__":

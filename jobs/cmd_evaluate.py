@@ -10,6 +10,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from jobs.errors import UserError
+from jobs.options import WORKDIR_HELP, json_field, model_field
 
 NAME = "evaluate"
 HELP = (
@@ -25,14 +26,16 @@ DESCRIPTION = (
 
 @dataclass(frozen=True)
 class EvaluateArgs:
+    """Which images (a split of an annotations file), which model, and where the run is logged."""
+
     annotations: str = Field(description="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]")
-    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
+    model: str = model_field()
     split: Literal["train", "val", "test", "all"] = Field("test", description="which rows to score")
     experiment: str = Field("mumic-evaluate", description="MLflow experiment ('' to skip logging)")
-    workdir: str | None = Field(None, description="folder of the default mlflow.db (default: cwd)")
+    workdir: str | None = Field(None, description=WORKDIR_HELP)
     use_gpu: bool = Field(False, description="score on a GPU")
     batch_size: int = Field(64, ge=1, description="images per model call")
-    json: bool = Field(False, description="print the metrics as JSON")
+    json: bool = json_field("the metrics")
 
 
 def options() -> tuple[type, ...]:
@@ -44,7 +47,6 @@ def run(args: EvaluateArgs) -> int:
     from pipelines.registry.tracking import quiet_mlflow
 
     quiet_mlflow()
-    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines.annotations import AnnotationError
     from pipelines.evaluation import evaluate

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from jobs.errors import EXIT_FAILED
+from jobs.options import WORKDIR_HELP
 
 NAME = "promote"
 HELP = "point an alias (default champion) at a model version if it is at least as good on a metric"
@@ -23,7 +24,7 @@ class PromoteArgs:
     alias: str = Field("champion", description="alias to move")
     metric: str = Field("gap_at_10", description="metric to compare")
     force: bool = Field(False, description="move the alias whatever the metric says")
-    workdir: str | None = Field(None, description="folder of the default mlflow.db (default: cwd)")
+    workdir: str | None = Field(None, description=WORKDIR_HELP)
 
 
 def options() -> tuple[type, ...]:
@@ -37,7 +38,6 @@ def run(args: PromoteArgs) -> int:
     quiet_mlflow()
     import sys
 
-    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from pipelines import registry
     from pipelines.registry import tracking

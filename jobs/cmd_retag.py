@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from jobs.errors import EXIT_USAGE, UserError
+from jobs.errors import UserError
+from jobs.options import json_field, model_field, output_field
 
 if TYPE_CHECKING:
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
@@ -29,9 +30,9 @@ class RetagArgs:
     """What to tag with what, and where; how a run goes is `RetagOptions`."""
 
     catalog: str = Field(description="Parquet/CSV catalog (image_id, uri), or a folder / s3:// prefix")
-    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder")
-    output: str = Field(description="folder or s3:// prefix holding the tags and runs tables")
-    json: bool = Field(False, description="print the summary as JSON")
+    model: str = model_field()
+    output: str = output_field()
+    json: bool = json_field("the summary")
 
 
 def options() -> tuple[type, ...]:
@@ -48,6 +49,6 @@ def run(args: RetagArgs, opts: RetagOptions) -> int:
     try:
         summary = run_retag(args.catalog, args.model, args.output, opts)
     except RetagError as e:
-        raise UserError(str(e), EXIT_USAGE) from None
+        raise UserError(str(e), e.code) from None
     print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
     return 0

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 
-from pydantic import Field
 from pydantic.dataclasses import dataclass
+
+from jobs.options import json_field, output_field
 
 NAME = "runs"
 HELP = "list committed runs: run id, date, model version, counts by status"
@@ -13,8 +14,8 @@ HELP = "list committed runs: run id, date, model version, counts by status"
 
 @dataclass(frozen=True)
 class RunsArgs:
-    output: str = Field(description="the retag output location (local path or s3://)")
-    json: bool = Field(False, description="one JSON object per run instead of a table")
+    output: str = output_field()
+    json: bool = json_field("one object per run")
 
 
 def options() -> tuple[type, ...]:

@@ -7,18 +7,20 @@ import json
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from jobs.options import json_field, model_field, output_field
+
 NAME = "search"
 HELP = "rank the latest run's images by similarity to a text"
 
 
 @dataclass(frozen=True)
 class SearchArgs:
-    output: str = Field(description="the retag output location (local path or s3://)")
-    model: str = Field(description="the model that produced the run (models:/..., folder or s3://)")
+    output: str = output_field()
+    model: str = model_field()
     text: str = Field(description="what to look for, e.g. 'red'")
     k: int = Field(20, ge=1, description="how many images")
-    run_id: str | None = Field(None, description="search this committed run instead of the latest")
-    json: bool = Field(False, description="one JSON object per hit")
+    run_id: str | None = Field(None, description="search this committed run's rows (history) instead of `current`")
+    json: bool = json_field("one object per hit")
 
 
 def options() -> tuple[type, ...]:
@@ -29,23 +31,27 @@ def run(args: SearchArgs) -> int:
     import sys
 
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
-    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    from jobs.errors import UserError
     from pipelines import tables
     from pipelines.registry import load_scorer
 
     scorer, mref = load_scorer(args.model)
-    run, hits = tables.search_embeddings(args.output, scorer.embed_text(args.text), k=args.k, run_id=args.run_id)
-    if (run["model_name"], run["model_version"]) != (mref.name, mref.version):
+    searched, hits = tables.search_embeddings(
+        args.output, scorer.embed_text(args.text), k=args.k, run_id=args.run_id, model=(mref.name, mref.version)
+    )
+    if searched["rows_other_model"]:
         print(
-            f"mumic: warning: run {run['run_id']} was tagged by {run['model_name']}/{run['model_version']}, "
-            f"searching with {mref.name}/{mref.version}",
+            f"mumic: warning: {searched['rows_other_model']} images of {searched['source']} were embedded by "
+            f"another model than {mref.name}/{mref.version} and are not searched (retag them with it)",
             file=sys.stderr,
         )
+    if not searched["rows"]:
+        raise UserError(f"no images of {searched['source']} in {args.output} were embedded by {mref.name}/{mref.version}")
     if args.json:
         for rank, h in enumerate(hits, 1):
             print(json.dumps({"rank": rank, **h}))
         return 0
-    print(f"run {run['run_id']} ({run['run_date']}), top {len(hits)} for {args.text!r}:")
+    print(f"{searched['source']} ({searched['rows']} images), top {len(hits)} for {args.text!r}:")
     for rank, h in enumerate(hits, 1):
         print(f"{rank:3d}  {h['score']:.3f}  {h['image_id']}  {h['uri']}  [{', '.join(h['labels'][:5])}]")
     return 0

@@ -9,6 +9,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from jobs.errors import EXIT_USAGE, UserError
+from jobs.options import json_field, model_field
 
 NAME = "tag"
 HELP = "tag a few images now; --labels scores any labels, seen in training or not (zero-shot)"
@@ -21,13 +22,17 @@ class TagArgs:
         description="image files or s3:// / file:// URIs",
         json_schema_extra={"cli": {"positional": "IMAGE_OR_URI"}},
     )
-    model: str = Field(description="models:/NAME@ALIAS, models:/NAME/VERSION, a folder or s3://")
+    model: str = model_field()
     labels: str | None = Field(
         None, description="comma-separated labels to score zero-shot instead of the taxonomy"
     )
     top_k: int = Field(5, ge=0, description="also show the k best labels")
-    json: bool = Field(False, description="one JSON object per image")
+    json: bool = json_field("one object per image")
     max_pixels: int | None = Field(None, ge=1, description="refuse larger images (decompression bombs)")
+    allow_root: list[str] = Field(
+        default_factory=list,
+        description="folders a local image may resolve into besides its own folder (links are followed)",
+    )
 
 
 def options() -> tuple[type, ...]:
@@ -37,7 +42,6 @@ def options() -> tuple[type, ...]:
 def run(args: TagArgs) -> int:
     import numpy as np
 
-    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
     from mumic_core import images
     from pipelines import storage
@@ -51,7 +55,10 @@ def run(args: TagArgs) -> int:
     scorer, mref = load_scorer(args.model)
     max_pixels = args.max_pixels or images.DEFAULT_MAX_PIXELS
     refs, pixels = [], []
-    reads = storage.read_many([storage.resolve(ref) for ref in args.images], threads=8)
+    uris = [storage.resolve(ref) for ref in args.images]
+    # the same rule as retag's: a local image is a regular file inside its own folder (or --allow-root)
+    own = {storage.parent(u) for u in uris if not storage.is_remote(u)}
+    reads = storage.read_many(uris, threads=8, roots=storage.confine([*own, *args.allow_root]))
     for ref, (data, failure) in zip(args.images, reads, strict=True):
         try:
             if failure is not None:

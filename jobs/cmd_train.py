@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from jobs.errors import UserError
+from jobs.options import json_field
 
 if TYPE_CHECKING:
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
@@ -44,7 +44,7 @@ GROUPS = {  # how `mumic train --help` lists the options of TrainConfig
 
 @dataclass(frozen=True)
 class TrainOutput:
-    json: bool = Field(False, description="print the summary as JSON")
+    json: bool = json_field("the summary")
 
 
 def options() -> tuple[type, ...]:
@@ -60,7 +60,7 @@ def run(cfg: TrainConfig, out: TrainOutput) -> int:
 
     quiet_mlflow()
     # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
-    # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
+    from mumic_core.metrics import HEADLINE
     from pipelines.annotations import AnnotationError
     from pipelines.train import TrainError, train
 
@@ -74,10 +74,7 @@ def run(cfg: TrainConfig, out: TrainOutput) -> int:
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
         "model_dir": result.model_dir,
-        "val": {
-            k: result.val.metrics[k]
-            for k in ("map", "gap", "gap_at_10", "f1_at_3", "f1_at_5", "baseline_map")
-        },
+        "val": {k: result.val.metrics[k] for k in (*HEADLINE, "baseline_map")},
         "test": result.test.metrics if result.test else None,
         "unreadable_images": result.unreadable,
         "model": result.model_uri,

@@ -24,10 +24,30 @@ import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
 
 from .errors import EXIT_USAGE, UserError
+
+MODEL_HELP = "models:/NAME@ALIAS, models:/NAME/VERSION, or a saved model folder (local or s3://)"
+OUTPUT_HELP = "the retag output location: a folder or s3:// prefix holding the tables"
+WORKDIR_HELP = "folder of the default mlflow.db (default: cwd)"
+
+
+def model_field() -> Any:
+    """The `--model` option every command that scores takes."""
+    return Field(description=MODEL_HELP)
+
+
+def output_field() -> Any:
+    """The `--output` option of every command that writes or reads the tables."""
+    return Field(description=OUTPUT_HELP)
+
+
+def json_field(what: str) -> Any:
+    """The `--json` switch: machine-readable output."""
+    return Field(False, description=f"print {what} as JSON")
+
 
 RESERVED = frozenset({"command", "config", "log_level", "help"})  # names the CLI itself uses
 

@@ -16,12 +16,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from mumic_core.splits import SPLITS, split_of
 from mumic_core.taxonomy import Taxonomy
 
 from .. import storage
+from ..storage.files import first_longer
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,9 @@ def _check_lengths(table: pa.Table, source: str) -> None:
         if name not in table.column_names or not pa.types.is_string(table.schema.field(name).type):
             continue
         limit = MAX_LABELS_CHARS if name in ("labels", "unknown_labels") else MAX_FIELD_CHARS
-        lengths = pc.utf8_length(table.column(name))
-        long = pc.fill_null(pc.greater(lengths, limit), False)
-        if pc.any(long).as_py():
-            row = pc.index(long, True).as_py()
-            raise AnnotationError(
-                f"{source}: data row {row + 1}: {name} is {lengths[row].as_py()} characters long "
-                f"(at most {limit})"
-            )
+        long = first_longer(table.column(name), limit)
+        if long is not None:
+            raise AnnotationError(f"{source}: data row {long[0] + 1}: {name} is {long[1]} characters long (at most {limit})")
 
 
 def _names(columns: list[str], at_most: int = 20) -> str:

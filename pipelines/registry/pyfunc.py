@@ -6,6 +6,7 @@ The pyfunc's only artifact is the saved model folder (safetensors + config.json)
     model = mlflow.pyfunc.load_model("models:/NAME@champion")
     model.predict(pd.DataFrame({"uri": ["s3://bucket/a.jpg", ...]}))   # or {"image": [bytes, ...]}
     → one float column per label (taxonomy order), plus `error` (None, or why the image was unreadable).
+    Local paths are read only inside the folders of MUMIC_ALLOWED_ROOTS (`forbidden` otherwise).
     params={"labels": ["a", "b"]} scores any labels instead (zero-shot).
 """
 
@@ -24,6 +25,7 @@ from mumic_core.scoring import Scorer
 from .. import storage
 
 MODEL_DIR_KEY = "model_dir"
+ROOTS_ENV = "MUMIC_ALLOWED_ROOTS"  # os.pathsep-separated local folders a served model may read images from
 CODE_FILE = os.path.join(os.path.dirname(__file__), "pyfunc_model.py")
 BATCH = 64
 _REQUIREMENTS = (
@@ -63,6 +65,12 @@ def pip_requirements() -> list[str]:
     return out
 
 
+def allowed_roots() -> tuple[str, ...]:
+    """Where a served model may read local image files: the folders in MUMIC_ALLOWED_ROOTS, else none
+    (a model server takes bytes or s3:// URIs; a path from a request must not read the server's disk)."""
+    return storage.confine([r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r])
+
+
 class MumicPyfunc(PythonModel):
     def load_context(self, context) -> None:
         self.scorer = Scorer.load(context.artifacts[MODEL_DIR_KEY])
@@ -76,7 +84,8 @@ class MumicPyfunc(PythonModel):
         errors: list[str | None] = [None] * len(frame)
         pixels, rows = [], []
         uris = {i: str(v) for i, v in enumerate(values) if not isinstance(v, bytes | bytearray)}
-        read = dict(zip(uris, storage.read_many(list(uris.values()), threads=8), strict=True))
+        reads = storage.read_many(list(uris.values()), threads=8, roots=allowed_roots())
+        read = dict(zip(uris, reads, strict=True))
         for i, value in enumerate(values):
             data, failure = (bytes(value), None) if i not in read else read[i]
             if failure is not None:

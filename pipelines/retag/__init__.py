@@ -6,24 +6,14 @@
 `run.run_retag` composes them; every stage but `dataset` and `run` is testable without Ray.
 """
 
-# Exported lazily (PEP 562): `mumic <command> --help` reads the options module without importing Ray
-# and torch through the rest of the room.
+from ..lazy import exports
+
+# exported lazily: `mumic <command> --help` reads the options module without importing Ray and torch
 _EXPORTS = {
-    "RUN_ID_PATTERN": "options",
-    "RetagError": "options",
-    "RetagOptions": "options",
-    "new_run_id": "options",
-    "Plan": "plan",
-    "plan_resources": "plan",
-    "format_summary": "run",
-    "run_retag": "run",
+    "options": ("RUN_ID_PATTERN", "RetagError", "RetagOptions", "StagingMismatch", "TooManyErrors", "new_run_id"),
+    "plan": ("Plan", "plan_resources"),
+    "run": ("format_summary", "run_retag"),
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module  # the room's module named in _EXPORTS, on first use
-
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__getattr__ = exports(__name__, _EXPORTS)

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..storage.files import first_longer, first_non_utf8, printable, unreadable_table
 
 CATALOG_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string())])
 REQUIRED_COLUMNS = ("image_id", "uri")
@@ -67,7 +68,9 @@ def iter_manifest(uri: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordB
         try:
             batch = next(batches, None)
         except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # pyarrow's: the file's fault
-            raise CatalogError(_unreadable(uri, fs, path, e)) from None
+            raise CatalogError(
+                unreadable_table(f"catalog {storage.redact(uri)}", fs, path, e, CSV_BLOCK_BYTES)
+            ) from None
         if batch is None:
             return
         yield _validated(batch, base, uri, rows_seen)
@@ -102,40 +105,11 @@ def _require_columns(names: Iterable[str], uri: str) -> None:
     names = list(names)
     missing = [c for c in REQUIRED_COLUMNS if c not in names]
     if missing:
-        shown = ", ".join(_printable(n, 40) for n in names[:20]) + (", ..." if len(names) > 20 else "")
+        shown = ", ".join(printable(n, 40) for n in names[:20]) + (", ..." if len(names) > 20 else "")
         raise CatalogError(
             f"catalog {storage.redact(uri)} has no column(s) {', '.join(missing)} "
             f"(it has: {shown or 'none'}); a catalog needs image_id and uri"
         )
-
-
-def _unreadable(uri: str, fs, path: str, e: BaseException) -> str:
-    """One line for a pyarrow read / parse error: what is wrong with the file, not where pyarrow was."""
-    kind = "Parquet" if uri.lower().endswith((".parquet", ".pq")) else "CSV"
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if "straddl" in text:
-        why = f"a line longer than {CSV_BLOCK_BYTES >> 20} MiB (a huge field, or an unclosed quote)"
-    elif kind == "CSV" and _looks_binary(fs, path):
-        why = "binary data, not CSV text"
-    elif isinstance(e, UnicodeDecodeError):  # pyarrow decodes the column names to Python str
-        why = "its header line is not UTF-8 text; save the catalog as UTF-8"
-    else:
-        why = _printable(text, 200)
-    return f"catalog {storage.redact(uri)} is not a readable {kind} file: {why}"
-
-
-def _looks_binary(fs, path: str) -> bool:
-    try:
-        with fs.open_input_stream(path, compression="detect") as f:
-            return b"\x00" in f.read(4096)
-    except (pa.ArrowException, OSError):
-        return False
-
-
-def _printable(text: str, limit: int) -> str:
-    """Text from a hostile file, fit for one line of a message: control characters escaped, cut short."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit + 1])
-    return out if len(out) <= limit else out[: limit - 3] + "..."
 
 
 def _validated(batch: pa.RecordBatch, base: str, uri: str, offset: int) -> pa.RecordBatch:
@@ -147,13 +121,11 @@ def _validated(batch: pa.RecordBatch, base: str, uri: str, offset: int) -> pa.Re
         if pc.any(bad).as_py():
             row = offset + pc.index(bad, True).as_py()
             raise CatalogError(f"catalog {storage.redact(uri)}: data row {row + 1} has an empty {name}")
-        lengths = pc.utf8_length(col)
-        long = pc.fill_null(pc.greater(lengths, MAX_FIELD_CHARS), False)
-        if pc.any(long).as_py():
-            i = pc.index(long, True).as_py()
+        long = first_longer(col, MAX_FIELD_CHARS)
+        if long is not None:
             raise CatalogError(
-                f"catalog {storage.redact(uri)}: data row {offset + i + 1} has {_a(name)} of "
-                f"{lengths[i].as_py()} characters (at most {MAX_FIELD_CHARS})"
+                f"catalog {storage.redact(uri)}: data row {offset + long[0] + 1} has {_a(name)} of "
+                f"{long[1]} characters (at most {MAX_FIELD_CHARS})"
             )
     try:
         resolved = [storage.resolve(u, base) for u in uris.to_pylist()]
@@ -170,7 +142,7 @@ def _text_column(batch: pa.RecordBatch, name: str, uri: str, offset: int) -> pa.
     try:
         return col.cast(pa.string())
     except pa.ArrowInvalid:  # binary → string validates UTF-8
-        row, byte = _first_non_utf8(col)
+        row, byte = first_non_utf8(col)
         raise CatalogError(
             f"catalog {storage.redact(uri)}: data row {offset + row + 1} has {_a(name)} that is not UTF-8 "
             f"text (byte {byte:#04x}); save the catalog as UTF-8"
@@ -183,17 +155,6 @@ def _text_column(batch: pa.RecordBatch, name: str, uri: str, offset: int) -> pa.
 
 def _a(name: str) -> str:
     return "an image_id" if name == "image_id" else f"a {name}"
-
-
-def _first_non_utf8(values: pa.Array) -> tuple[int, int]:
-    """(index, first bad byte) of the first value that is not UTF-8 (only called once a cast failed)."""
-    for i, value in enumerate(values.to_pylist()):
-        try:
-            if value is not None:
-                value.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return i, value[e.start]
-    return 0, 0
 
 
 # ---- folder / prefix listings ---------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, Transaction, write_deltalake
 from deltalake.transaction import AddAction
 
+from .. import storage
 from ..tables import (
     PARTITION,
     RUN_FIELDS,
@@ -41,7 +42,7 @@ def commit_run(
         for p in parts
         if p.data_file
     ]
-    now_ms = int(time.time() * 1000)
+    now_ms, before = int(time.time() * 1000), table.version()
     table.create_write_transaction(
         actions,
         mode="append",
@@ -52,18 +53,35 @@ def commit_run(
             app_transactions=[Transaction(retag_app_id(run_id), 1, now_ms)],
         ),
     )
-    return open_table(tags_uri).version()
+    return commit_version(tags_uri, run_id, since=before + 1)
+
+
+def _commit_record(tags_uri: str, run_id: str, since: int = 0) -> tuple[int, dict] | None:
+    """(version, commitInfo) of the `tags` commit that added this run, read from the log newest first.
+    Not `DeltaTable.history()`: on S3 it holds the GIL through its requests."""
+    table = open_table(tags_uri)
+    if table is None:
+        return None
+    for version in range(table.version(), max(since, 0) - 1, -1):
+        text = storage.read_text(storage.join(tags_uri, "_delta_log", f"{version:020d}.json"))
+        for line in (text or "").splitlines():
+            if '"commitInfo"' in line:
+                info = json.loads(line)["commitInfo"]
+                if info.get("mumic.run_id") == run_id:
+                    return version, info
+    return None
+
+
+def commit_version(tags_uri: str, run_id: str, since: int = 0) -> int | None:
+    """The `tags` version whose commit added this run (other writers may have committed since)."""
+    record = _commit_record(tags_uri, run_id, since)
+    return None if record is None else record[0]
 
 
 def run_row_from_history(tags_uri: str, run_id: str) -> dict | None:
     """The run summary recorded in the commit that added the run's rows (to repair a missing runs row)."""
-    table = open_table(tags_uri)
-    if table is None:
-        return None
-    for commit in table.history():
-        if commit.get("mumic.run_id") == run_id and commit.get("mumic.run"):
-            return json.loads(commit["mumic.run"])
-    return None
+    record = _commit_record(tags_uri, run_id)
+    return json.loads(record[1]["mumic.run"]) if record and record[1].get("mumic.run") else None
 
 
 def ensure_run_row(runs_uri: str, run_row: dict) -> bool:

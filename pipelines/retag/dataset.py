@@ -44,7 +44,14 @@ class SnapshotDatasource(Datasource):
 
 
 def build_dataset(
-    files: list[str], num_rows: int, model_uri: str, config: dict, known_ref, opts: RetagOptions, plan: Plan
+    files: list[str],
+    num_rows: int,
+    model_uri: str,
+    config: dict,
+    known_ref,
+    opts: RetagOptions,
+    plan: Plan,
+    roots: tuple[str, ...] | None,
 ):
     """The Ray Data pipeline over a catalog snapshot; yields tag rows as pyarrow tables."""
     prep = config["preprocessing"]
@@ -69,6 +76,7 @@ def build_dataset(
                 threads=opts.fetch_threads,
                 max_bytes=opts.max_bytes,
                 retry=storage.RetryPolicy(budget_s=opts.fetch_retry_budget_s),
+                roots=roots,
             )
         },
         num_cpus=plan.io_cpus,

@@ -19,12 +19,13 @@ class FetchOptions:
     threads: int = 16  # concurrent reads per task (bounded: a task never opens more connections)
     max_bytes: int = storage.DEFAULT_MAX_BYTES
     retry: storage.RetryPolicy = field(default_factory=storage.RetryPolicy)
+    roots: tuple[str, ...] | None = None  # local folders the catalog may point into (storage.confine)
 
 
 def fetch_batch(batch: pa.Table, options: FetchOptions = FetchOptions()) -> pa.Table:
     """(image_id, uri, ...) → adds `data` (bytes, null on failure), `status` (null, or 'error'), `error`."""
     results = storage.read_many(
-        batch.column("uri").to_pylist(), options.threads, options.max_bytes, options.retry
+        batch.column("uri").to_pylist(), options.threads, options.max_bytes, options.retry, options.roots
     )
     errors = [None if failure is None else str(failure) for _, failure in results]
     columns = {

@@ -20,7 +20,21 @@ RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class RetagError(ValueError):
-    """A user-fixable problem with a retag invocation (one line)."""
+    """A user-fixable problem with a retag invocation (one line); `code` is the exit status."""
+
+    code = 2
+
+
+class StagingMismatch(RetagError):
+    """The staged rows are not the catalog's rows exactly once: committing would duplicate or lose rows."""
+
+    code = 1
+
+
+class TooManyErrors(RetagError):
+    """More error rows than `max_error_rate` allows (an outage, expired credentials): nothing committed."""
+
+    code = 1
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,22 @@ class RetagOptions:
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per inference actor")
     rows_per_part: int = Field(
         100_000, ge=1, description="rows per staged file (the unit of resume)"
+    )
+    allow_root: list[str] = Field(
+        default_factory=list,
+        description="local folders a catalog may point into besides its own (default: only the catalog's "
+        "folder; anything else, and any file that is not a regular file, is an error row `forbidden`)",
+    )
+    max_error_rate: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="commit nothing when more than this share of the catalog rows are errors "
+        "(an outage, not bad images); a rerun re-reads them",
+    )
+    prune: bool = Field(
+        False,
+        description="the catalog is complete: remove from `current` the images it no longer lists",
     )
     progress: bool = Field(True, description="a progress line on stderr every few seconds")
 

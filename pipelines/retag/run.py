@@ -7,7 +7,7 @@ Commit protocol (one retag run = one Delta transaction on `tags`):
 3. The `runs` row is appended next (app transaction `mumic-runs:<run_id>`), then staging is removed.
 A crash before 2 leaves nothing visible and a rerun with the same id resumes from the recorded parts;
 a crash between 2 and 3 is repaired by the rerun from the commit metadata; a committed run id is never
-written again. One writer per run id at a time (the nightly scheduler's job).
+written again. One writer per run id at a time: a lease in the run's staging (`lease`) enforces it.
 """
 
 from __future__ import annotations
@@ -27,13 +27,15 @@ from mumic_core.taxonomy import Taxonomy
 from .. import storage
 from ..cluster import ray_session
 from ..progress import Progress
-from ..registry import ModelRef, resolve_model
-from ..tables import iter_ok_hashes
+from ..registry import ModelRef, alias_version, parse_ref, resolve_model
+from ..tables import current_uri, iter_ok_hashes
 from . import catalog as catalog_mod
-from .commit import commit_run, ensure_run_row, is_committed, run_row_from_history
+from .commit import commit_run, commit_version, ensure_run_row, is_committed, run_row_from_history
+from .current import RunFacts, is_merged, update_current
 from .dataset import build_dataset
 from .decode import KnownDigests
-from .options import RetagError, RetagOptions, new_run_id
+from .lease import RunLease
+from .options import RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
 from .plan import plan_resources
 from .staging import PartWriter, RunStaging, StagedPart
 
@@ -96,14 +98,21 @@ def run_retag(
     """
     started = time.perf_counter()
     run = _prepare(catalog, model, output, replace(options or RetagOptions(), **overrides), on_event)
-    if is_committed(run.tags_uri, run.run_id):
-        return _already_committed(run)
-    manifest = _start_or_resume(run)
-    files, todo, rows_resumed = _remaining(run, manifest)
-    t_pipeline = time.perf_counter()
-    processed, first_output_s = _stage_rest(run, manifest, files, todo) if todo > 0 else (0, 0.0)
-    pipeline_s = time.perf_counter() - t_pipeline
-    counts, version = _verify_and_commit(run, manifest)
+    lease = RunLease(run.staging.lease_uri, run.run_id, say=run.say).acquire()  # one writer per run id
+    try:
+        if is_committed(run.tags_uri, run.run_id):
+            lease.check()
+            return _already_committed(run)
+        manifest = _start_or_resume(run)
+        _record_writer(run, manifest, lease)
+        files, todo, rows_resumed = _remaining(run, manifest)
+        t_pipeline = time.perf_counter()
+        processed, first_output_s = _stage_rest(run, manifest, files, todo) if todo > 0 else (0, 0.0)
+        pipeline_s = time.perf_counter() - t_pipeline
+        lease.check()  # a writer that stalled past its lease's expiry must not commit beside its successor
+        counts, version = _verify_and_commit(run, manifest)
+    finally:
+        lease.release()
     total_s = time.perf_counter() - started
     run.say(
         f"run {run.run_id} committed: {counts['rows_ok']} ok, {counts['rows_error']} error, "
@@ -126,10 +135,12 @@ def run_retag(
 
 
 def _prepare(catalog: str, model: str, output: str, opts: RetagOptions, on_event: Event | None) -> Run:
-    """Check the options and resolve the model reference (nothing is written yet)."""
+    """Check the options and resolve the model reference (nothing is written yet): a rerun of a started
+    run id keeps the model version its manifest records, wherever the alias points now."""
     run_id = opts.run_id or new_run_id()
-    mref = resolve_model(model)
     output = storage.normalize(output)
+    staging, say = RunStaging(output, run_id), Progress("retag", opts.progress)
+    mref = resolve_model(_pinned_model(model, staging, say) if opts.run_id else model)
     return Run(
         run_id=run_id,
         catalog=catalog,
@@ -137,26 +148,54 @@ def _prepare(catalog: str, model: str, output: str, opts: RetagOptions, on_event
         model=mref,
         config=checkpoint.read_config(mref.uri),
         output=output,
-        staging=RunStaging(output, run_id),
+        staging=staging,
         opts=opts,
-        say=Progress("retag", opts.progress),
+        say=say,
         event=on_event or (lambda name, info: None),
     )
 
 
+def _pinned_model(model: str, staging: RunStaging, say: Progress) -> str:
+    """`models:/NAME@ALIAS` (or `/latest`) for a run id whose manifest exists → `models:/NAME/<its
+    model_version>`: a resumed run finishes with the version it started with, even if the alias moved."""
+    if not str(model).startswith("models:/"):
+        return model
+    name, alias, ref_version = parse_ref(model)
+    moving = alias is not None or ref_version == "latest"
+    manifest = staging.read_manifest() if moving else None
+    if not manifest or manifest.get("model_name") != name or not manifest.get("model_version"):
+        return model
+    version = str(manifest["model_version"])
+    now = alias_version(name, alias) if alias is not None else None
+    moved = f"; @{alias} is now version {now}" if now not in (None, version) else ""
+    say(f"run {staging.run_id}: resuming with models:/{name}/{version}, the version it started with{moved}")
+    return f"models:/{name}/{version}"
+
+
+def _record_writer(run: Run, manifest: dict, lease: RunLease) -> None:
+    """Who started the run, and who resumed it, in its manifest (`writers`, first = who started it)."""
+    manifest["writers"] = [*manifest.get("writers", []), lease.record()]
+    run.staging.write_manifest(manifest)
+
+
 def _already_committed(run: Run) -> dict:
-    """A committed run id is never written twice; a missing runs row (crash after the commit) is repaired."""
+    """A committed run id is never written twice; what a crash after the commit left undone (the runs
+    row, the `current` MERGE) is done now."""
     row = run_row_from_history(run.tags_uri, run.run_id)
     repaired = bool(row) and ensure_run_row(run.runs_uri, row)
+    merged = None
+    if row and not is_merged(current_uri(run.output), run.run_id):
+        parts = run.staging.parts() if run.staging.read_manifest() is not None else None
+        merged = _update_current(run, row["run_date"], commit_version(run.tags_uri, run.run_id), parts)
     run.staging.cleanup()
-    run.say(
-        f"run {run.run_id} is already committed; nothing to do" + (" (runs row repaired)" if repaired else "")
-    )
+    fixed = [what for what, done in (("runs row", repaired), ("current table", merged is not None)) if done]
+    run.say(f"run {run.run_id} is already committed; " + (f"repaired: {', '.join(fixed)}" if fixed else "nothing to do"))
     return {
         **run.summary(),
         **{k: int((row or {}).get(k) or 0) for k in COUNTS},
         "status": "already_committed",
         "runs_row_repaired": repaired,
+        "current_repaired": merged is not None,
         "run_date": (row or {}).get("run_date"),
         "rows_processed": 0,
         "seconds": 0.0,
@@ -244,7 +283,7 @@ def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[
             f"run {run.run_id}: {todo} images → {plan.actors} infer actor(s) "
             f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}), batch {run.opts.batch_size}"
         )
-        ds = build_dataset(files, todo, run.model.uri, run.config, known_ref, run.opts, plan)
+        ds = build_dataset(files, todo, run.model.uri, run.config, known_ref, run.opts, plan, _allowed_roots(run))
         writer = PartWriter(
             run.staging,
             manifest["run_date"],
@@ -258,6 +297,14 @@ def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[
             first_seq=max((p.seq for p in run.staging.parts()), default=0),
         )
         return _drain(run, ds, writer, todo)
+
+
+def _allowed_roots(run: Run) -> tuple[str, ...]:
+    """The local folders catalog rows may point into: the catalog's own (a manifest's folder, or the
+    listed folder) and --allow-root; an s3:// catalog's rows may read no local file unless allowed."""
+    catalog = storage.normalize(run.catalog)
+    own = [] if storage.is_remote(catalog) else [storage.parent(catalog) if catalog_mod.is_manifest(catalog) else catalog]
+    return storage.confine([*own, *run.opts.allow_root])
 
 
 def _known_digests(run: Run):
@@ -289,15 +336,19 @@ def _drain(run: Run, ds, writer: PartWriter, todo: int) -> tuple[int, float]:
 
 def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
     """Exactly once, checked rather than assumed (as many distinct staged ids as catalog rows, no more
-    rows); then the one commit, the runs row, and staging removed."""
+    rows), and not an outage (the error ceiling); then the one commit, the runs row, the `current`
+    MERGE, and staging removed."""
     parts = run.staging.parts()
     counts = {k: sum(getattr(p, k) for p in parts) for k in COUNTS}
     staged, distinct = sum(counts.values()), pc.count_distinct(run.staging.staged_ids(parts)).as_py()
     if not staged == distinct == manifest["catalog_rows"]:
-        raise RuntimeError(
-            f"run {run.run_id}: {staged} rows ({distinct} distinct ids) staged for {manifest['catalog_rows']} "
-            "catalog rows; not committing"
+        raise StagingMismatch(
+            f"run {run.run_id}: {staged} rows ({distinct} distinct ids) are staged for {manifest['catalog_rows']} "
+            f"catalog rows, so committing would duplicate or lose rows; nothing was committed. To start it over, "
+            f"delete {storage.redact(run.staging.dir)} and rerun with --run-id {run.run_id} (or use a new "
+            f"--run-id); `mumic vacuum --output {storage.redact(run.output)}` then removes the parts it had staged"
         )
+    _check_error_ceiling(run, parts, counts, manifest["catalog_rows"])
     run_row = {
         "run_id": run.run_id,
         "run_date": manifest["run_date"],
@@ -312,8 +363,44 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
     run.event("before_commit", {"run_id": run.run_id, **counts})
     version = commit_run(run.tags_uri, run.run_id, manifest["run_date"], parts, run_row)
     ensure_run_row(run.runs_uri, run_row)
+    run.event("before_current", {"run_id": run.run_id})
+    _update_current(run, manifest["run_date"], version, parts)
     run.staging.cleanup()
     return counts, version
+
+
+def _update_current(run: Run, run_date: str, tags_version: int | None, parts: list[StagedPart] | None):
+    """The run's one update of `current` (see `current`); what changed."""
+    facts = RunFacts(
+        run_id=run.run_id,
+        run_date=run_date,
+        tags_version=int(tags_version if tags_version is not None else -1),
+        model_name=run.model.name,
+        model_version=run.model.version,
+        seen_at=dt.datetime.now(dt.UTC),
+    )
+    metrics = update_current(run.output, facts, parts, prune=run.opts.prune)
+    if metrics:
+        run.say(
+            f"current: {metrics.get('new', 0)} new, {metrics.get('updated', 0)} relabelled, "
+            f"{metrics.get('seen_or_failed', 0)} seen or failed, {metrics.get('removed', 0)} removed"
+        )
+    return metrics
+
+
+def _check_error_ceiling(run: Run, parts: list[StagedPart], counts: dict, total: int) -> None:
+    """More errors than --max-error-rate: an outage (a 403 on a bucket, expired credentials), not bad
+    images. Nothing is committed and the run's staged files go, so a rerun re-reads every row."""
+    share = counts["rows_error"] / max(total, 1)
+    if share <= run.opts.max_error_rate:
+        return
+    reasons = run.staging.error_reasons(parts)
+    run.staging.discard(parts)
+    shown = ", ".join(f"{reason} {n}" for reason, n in reasons.most_common())
+    raise TooManyErrors(
+        f"run {run.run_id}: {counts['rows_error']} of {total} rows are errors ({share:.0%} > --max-error-rate "
+        f"{run.opts.max_error_rate:g}): {shown}; nothing committed; fix the cause and rerun"
+    )
 
 
 def format_summary(summary: dict) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
@@ -48,6 +49,15 @@ class StagedPart:
         return self.rows_ok + self.rows_error + self.rows_skipped
 
 
+STAGING_DIR = "_staging"
+LEASE_FILE = "lease.json"  # `lease`: who writes the run now
+
+
+def staging_root(output: str) -> str:
+    """`<output>/_staging`: one folder per run id that is being written (or was abandoned)."""
+    return storage.join(output, STAGING_DIR)
+
+
 class RunStaging:
     """The staging area of one run: `<output>/_staging/<run_id>/` plus its data files inside `tags`."""
 
@@ -55,10 +65,14 @@ class RunStaging:
         self.output = storage.normalize(output)
         self.run_id = run_id
         self.tags_uri = storage.join(self.output, "tags")
-        self.dir = storage.join(self.output, "_staging", run_id)
+        self.dir = storage.join(staging_root(self.output), run_id)
 
     def path(self, *parts: str) -> str:
         return storage.join(self.dir, *parts)
+
+    @property
+    def lease_uri(self) -> str:
+        return self.path(LEASE_FILE)
 
     def read_manifest(self) -> dict | None:
         text = storage.read_text(self.path("run.json"))
@@ -87,13 +101,32 @@ class RunStaging:
             return pa.array([], pa.string())
         return pa.chunked_array([c for a in ids for c in a.chunks], pa.string()).combine_chunks()
 
+    def error_reasons(self, parts: list[StagedPart]) -> Counter:
+        """How many staged error rows per reason (the part of `error` before the first ':')."""
+        reasons: Counter = Counter()
+        for p in parts:
+            if p.data_file and p.rows_error:
+                fs, path = storage.filesystem(storage.join(self.tags_uri, p.data_file))
+                errors = pq.read_table(path, columns=["status", "error"], filesystem=fs)
+                errors = errors.filter(pc.equal(errors.column("status"), "error")).column("error")
+                reasons.update(str(e or "unknown").split(":", 1)[0] for e in errors.to_pylist())
+        return reasons
+
+    def discard(self, parts: list[StagedPart]) -> None:
+        """Remove everything the run staged (its data files in `tags` too): the run starts over."""
+        for p in parts:
+            if p.data_file:
+                storage.delete_file(storage.join(self.tags_uri, p.data_file))
+        self.cleanup()
+
     def cleanup(self) -> None:
         storage.delete_dir(self.dir)
 
 
-def _stats(table: pa.Table) -> str:
+def file_stats(table: pa.Table) -> str:
+    """A data file's Delta stats: row count, null counts, min/max of the short exact columns."""
     stats: dict = {"numRecords": table.num_rows, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    for name in TAGS_FILE_SCHEMA.names:
+    for name in table.column_names:
         col = table.column(name)
         if pa.types.is_string(col.type) or pa.types.is_timestamp(col.type):
             stats["nullCount"][name] = col.null_count
@@ -104,7 +137,7 @@ def _stats(table: pa.Table) -> str:
     return json.dumps(stats)
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
@@ -179,15 +212,15 @@ class PartWriter:
                 else:
                     columns.append(tagged.column(field.name).cast(field.type))
             tagged = pa.Table.from_arrays(columns, schema=TAGS_FILE_SCHEMA)
-            data = _parquet_bytes(tagged)
+            data = parquet_bytes(tagged)
             data_file = f"{PARTITION}={self.run_date}/{name}"
             storage.write_bytes(storage.join(self.staging.tags_uri, data_file), data)
-            data_size, stats = len(data), _stats(tagged)
+            data_size, stats = len(data), file_stats(tagged)
         skipped_file = None
         if skipped.num_rows:
             skipped_file = self.staging.path("skipped", name)
             storage.write_bytes(
-                skipped_file, _parquet_bytes(skipped.select(["image_id", "content_sha256"]))
+                skipped_file, parquet_bytes(skipped.select(["image_id", "uri", "content_sha256"]))
             )
         ok = int(pc.sum(pc.fill_null(pc.equal(status, "ok"), False).cast(pa.int64())).as_py() or 0)
         part = StagedPart(

@@ -8,6 +8,7 @@ typed reasons, one retry layer) and `redact` (no credential in any message).
 from .aws import delta_storage_options
 from .files import (
     delete_dir,
+    delete_file,
     exists,
     filesystem,
     list_files,
@@ -16,7 +17,15 @@ from .files import (
     read_text,
     write_bytes,
 )
-from .objects import DEFAULT_MAX_BYTES, ReadFailed, RetryPolicy, read_many, read_object, read_with_retries
+from .objects import (
+    DEFAULT_MAX_BYTES,
+    ReadFailed,
+    RetryPolicy,
+    confine,
+    read_many,
+    read_object,
+    read_with_retries,
+)
 from .paths import StorageError, is_remote, join, normalize, parent, resolve
 from .redact import redact
 
@@ -25,7 +34,9 @@ __all__ = [
     "ReadFailed",
     "RetryPolicy",
     "StorageError",
+    "confine",
     "delete_dir",
+    "delete_file",
     "delta_storage_options",
     "exists",
     "filesystem",

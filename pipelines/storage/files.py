@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -65,34 +66,40 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str) -> list[tuple[str, int]]:
-    """(uri, size) of the files directly under a folder / prefix, sorted; [] when it does not exist."""
+def _entries(uri: str, recursive: bool = False) -> tuple[str, str, list[pafs.FileInfo]]:
+    """(uri without a trailing /, the path inside the filesystem, what is under it); none when absent."""
     fs, path = filesystem(uri)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=recursive))
     except FileNotFoundError:
-        return []
-    base = normalize(uri).rstrip("/")
-    out = [
+        infos = []
+    return normalize(uri).rstrip("/"), path.rstrip("/"), infos
+
+
+def list_files(uri: str) -> list[tuple[str, int]]:
+    """(uri, size) of the files directly under a folder / prefix, sorted; [] when it does not exist."""
+    base, _, infos = _entries(uri)
+    return sorted(
         (f"{base}/{info.base_name}", int(info.size or 0))
         for info in infos
         if info.type == pafs.FileType.File and not info.base_name.startswith(".")
-    ]
-    return sorted(out)
+    )
 
 
 def delete_file(uri: str) -> None:
-    fs, path = filesystem(uri)
-    try:
-        fs.delete_file(path)
-    except FileNotFoundError:
-        pass
+    """Remove a file or object; nothing when it is already gone."""
+    _delete(uri, "delete_file")
 
 
 def delete_dir(uri: str) -> None:
+    """Remove a folder / prefix and all under it; nothing when it is already gone."""
+    _delete(uri, "delete_dir")
+
+
+def _delete(uri: str, how: str) -> None:
     fs, path = filesystem(uri)
     try:
-        fs.delete_dir(path)
+        getattr(fs, how)(path)
     except FileNotFoundError:
         pass
 
@@ -122,19 +129,21 @@ def read_table(uri: str) -> pa.Table:
         if parquet:
             table = pq.read_table(path, filesystem=fs)
         else:
+            parse = pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ",")
+            read = pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES)
             with fs.open_input_stream(path, compression="detect") as f:
-                table = pacsv.read_csv(
-                    f,
-                    read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES),
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if lower.endswith(".tsv") else ","),
-                    convert_options=pacsv.ConvertOptions(strings_can_be_null=False, column_types=None),
-                )
+                header = pacsv.open_csv(f, read_options=read, parse_options=parse).schema.names
+            # every column as the bytes written (then checked as UTF-8): no type guessing, so an id like
+            # "007" stays "007" and a label "1e3" stays "1e3"
+            as_bytes = pacsv.ConvertOptions(strings_can_be_null=False, column_types=dict.fromkeys(header, pa.binary()))
+            with fs.open_input_stream(path, compression="detect") as f:
+                table = pacsv.read_csv(f, read_options=read, parse_options=parse, convert_options=as_bytes)
         names = table.column_names  # decoded to str here: a header that is not UTF-8 fails now
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:  # pyarrow's: the file's fault
-        raise StorageError(_unreadable_table(uri, fs, path, parquet, e)) from None
+        raise StorageError(unreadable_table(uri, fs, path, e)) from None
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise StorageError(f"{uri}: column(s) {', '.join(_printable(n, 40) for n in dup[:5])} appear twice")
+        raise StorageError(f"{uri}: column(s) {', '.join(printable(n, 40) for n in dup[:5])} appear twice")
     return table if parquet else _as_strings(table, uri)
 
 
@@ -144,15 +153,15 @@ def _as_strings(table: pa.Table, uri: str) -> pa.Table:
         try:
             columns.append(col.cast(pa.string()))
         except pa.ArrowInvalid:  # a column pyarrow read as bytes because a value is not UTF-8
-            row, byte = _first_non_utf8(col.combine_chunks())
+            row, byte = first_non_utf8(col.combine_chunks())
             raise StorageError(
-                f"{uri}: data row {row + 1}, column {_printable(name, 40)}, is not UTF-8 text "
+                f"{uri}: data row {row + 1}, column {printable(name, 40)}, is not UTF-8 text "
                 f"(byte {byte:#04x}); save the file as UTF-8"
             ) from None
     return pa.table(columns, names=table.column_names)
 
 
-def _first_non_utf8(values: pa.Array) -> tuple[int, int]:
+def first_non_utf8(values: pa.Array) -> tuple[int, int]:
     """(index, first bad byte) of the first value that is not UTF-8 (only called once a cast failed)."""
     for i, value in enumerate(values.to_pylist()):
         try:
@@ -163,19 +172,31 @@ def _first_non_utf8(values: pa.Array) -> tuple[int, int]:
     return 0, 0
 
 
-def _unreadable_table(uri: str, fs, path: str, parquet: bool, e: BaseException) -> str:
-    """One line for a pyarrow read / parse error: what is wrong with the file, not where pyarrow was."""
+def unreadable_table(label: str, fs, path: str, e: BaseException, block_bytes: int = CSV_BLOCK_BYTES) -> str:
+    """One line for a pyarrow read / parse error of a table file (`label` names it): what is wrong with
+    the file, not where pyarrow was."""
+    parquet = path.lower().endswith((".parquet", ".pq"))
     kind = "Parquet" if parquet else "CSV"
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "straddl" in text:
-        why = f"a line longer than {CSV_BLOCK_BYTES >> 20} MiB (a huge field, or an unclosed quote)"
+        why = f"a line longer than {block_bytes >> 20} MiB (a huge field, or an unclosed quote)"
     elif not parquet and _looks_binary(fs, path):
         why = "binary data, not CSV text"
     elif isinstance(e, UnicodeDecodeError):  # pyarrow decodes the column names to Python str
         why = "its header line is not UTF-8 text; save the file as UTF-8"
     else:
-        why = _printable(text, 200)
-    return f"{uri} is not a readable {kind} file: {why}"
+        why = printable(text, 200)
+    return f"{label} is not a readable {kind} file: {why}"
+
+
+def first_longer(column: pa.Array | pa.ChunkedArray, limit: int) -> tuple[int, int] | None:
+    """(row, length) of the first string value longer than `limit` characters, or None."""
+    lengths = pc.utf8_length(column)
+    long = pc.fill_null(pc.greater(lengths, limit), False)
+    if not pc.any(long).as_py():
+        return None
+    row = pc.index(long, True).as_py()
+    return row, lengths[row].as_py()
 
 
 def _looks_binary(fs, path: str) -> bool:
@@ -186,7 +207,7 @@ def _looks_binary(fs, path: str) -> bool:
         return False
 
 
-def _printable(text: str, limit: int) -> str:
+def printable(text: str, limit: int) -> str:
     """Text from a hostile file, fit for one line of a message: control characters escaped, cut short."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit + 1])
     return out if len(out) <= limit else out[: limit - 3] + "..."
@@ -198,12 +219,7 @@ def _printable(text: str, limit: int) -> str:
 def list_tree(uri: str) -> list[tuple[str, int, float]]:
     """(uri, size, mtime in epoch seconds) of every file under a folder / prefix, hidden ones included,
     sorted; [] when it does not exist."""
-    fs, path = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
-    except FileNotFoundError:
-        return []
-    base, root = normalize(uri).rstrip("/"), path.rstrip("/")
+    base, root, infos = _entries(uri, recursive=True)
     out = [
         (f"{base}{info.path[len(root):]}", int(info.size or 0), info.mtime.timestamp() if info.mtime else 0.0)
         for info in infos
@@ -214,12 +230,7 @@ def list_tree(uri: str) -> list[tuple[str, int, float]]:
 
 def list_dirs(uri: str) -> list[str]:
     """The folders (S3: common prefixes) directly under a folder / prefix, sorted."""
-    fs, path = filesystem(uri)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
-    except FileNotFoundError:
-        return []
-    base = normalize(uri).rstrip("/")
+    base, _, infos = _entries(uri)
     return sorted(f"{base}/{i.base_name}" for i in infos if i.type == pafs.FileType.Directory)
 
 
@@ -257,7 +268,9 @@ def _lost_race(exc: BaseException) -> bool:
         return False
     code = str((response.get("Error") or {}).get("Code") or "")
     status = int((response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0)
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey") or status in (404, 409, 412)
+    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        return True
+    return code in ("NoSuchKey", "NotFound", "404") or (status == 404 and code != "NoSuchBucket")
 
 
 def _local_token(st: os.stat_result) -> str:
@@ -274,19 +287,23 @@ def _write_hidden(folder: str, name: str, data: bytes) -> str:
     return tmp
 
 
+def _s3_if(operation: str, uri: str, **request) -> dict | None:
+    """A conditional S3 request; its response, or None when its condition did not hold (lost a race)."""
+    bucket, key = _bucket_key(uri)
+    try:
+        return getattr(aws.boto_s3(), operation)(Bucket=bucket, Key=key, **request)
+    except Exception as e:
+        if _lost_race(e):
+            return None
+        raise
+
+
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Create a file with this content unless one exists; True when this call created it. Of concurrent
     callers exactly one gets True, and a reader sees the whole content or no file."""
     uri = normalize(uri)
     if uri.startswith("s3://"):
-        bucket, key = _bucket_key(uri)
-        try:
-            aws.boto_s3().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-            return True
-        except Exception as e:
-            if _lost_race(e):
-                return False
-            raise
+        return _s3_if("put_object", uri, Body=data, IfNoneMatch="*") is not None
     _, path = filesystem(uri)
     folder, name = os.path.split(path)
     tmp = _write_hidden(_beside(folder), name, data)
@@ -364,13 +381,8 @@ def replace_if_unchanged(uri: str, data: bytes, token: str) -> str | None:
     file changed or is gone."""
     uri = normalize(uri)
     if uri.startswith("s3://"):
-        bucket, key = _bucket_key(uri)
-        try:
-            return str(aws.boto_s3().put_object(Bucket=bucket, Key=key, Body=data, IfMatch=token)["ETag"])
-        except Exception as e:
-            if _lost_race(e):
-                return None
-            raise
+        response = _s3_if("put_object", uri, Body=data, IfMatch=token)
+        return None if response is None else str(response["ETag"])
     _, path = filesystem(uri)
     folder, name = os.path.split(path)
     try:
@@ -396,14 +408,7 @@ def delete_if_unchanged(uri: str, token: str) -> bool:
     """Delete the file if it is still the version `token`; True when this call deleted it."""
     uri = normalize(uri)
     if uri.startswith("s3://"):
-        bucket, key = _bucket_key(uri)
-        try:
-            aws.boto_s3().delete_object(Bucket=bucket, Key=key, IfMatch=token)
-            return True
-        except Exception as e:
-            if _lost_race(e):
-                return False
-            raise
+        return _s3_if("delete_object", uri, IfMatch=token) is not None
     _, path = filesystem(uri)
     try:
         with _FolderLock(os.path.dirname(path)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ from .paths import normalize
 from .redact import redact
 
 DEFAULT_MAX_BYTES = 256 << 20  # no catalog image is this big; a file that is would exhaust worker memory
-REASONS = ("not_found", "access_denied", "too_large", "unavailable", "unreadable")
+REASONS = ("not_found", "access_denied", "forbidden", "too_large", "unavailable", "unreadable")
 
 # AWS error codes (S3's and the SDK's) by what they mean for a read.
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
@@ -131,12 +132,29 @@ def classify(exc: BaseException, uri: str) -> ReadFailed:
     return ReadFailed("unreadable", f"{where}: {name}")
 
 
-def _read_local(path: str, max_bytes: int) -> bytes:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise ReadFailed("too_large", f"{size} bytes > limit {max_bytes}")
-        data = f.read(max_bytes + 1)
+def confine(roots: Sequence[str] | None) -> tuple[str, ...] | None:
+    """Allowed local folders, resolved once (symlinks and `..` gone): what `read_object` compares with."""
+    return None if roots is None else tuple(os.path.realpath(normalize(r)) for r in roots)
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _read_local(path: str, max_bytes: int, roots: tuple[str, ...] | None) -> bytes:
+    """A regular file inside the allowed folders (after resolving links), at most max_bytes of it; any
+    other path is `forbidden` with no byte read (a device such as /dev/zero, a FIFO, /etc/passwd)."""
+    real = os.path.realpath(path)
+    if roots is not None and not any(_inside(real, root) for root in roots):
+        raise ReadFailed("forbidden", f"{redact(path)} is outside the folders this job may read")
+    fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ReadFailed("forbidden", f"{redact(path)} is not a regular file")
+        if info.st_size > max_bytes:
+            raise ReadFailed("too_large", f"{info.st_size} bytes > limit {max_bytes}")
+        data = f.read(max_bytes + 1)  # bounded even when the size said is wrong
     if len(data) > max_bytes:
         raise ReadFailed("too_large", f"more than {max_bytes} bytes")
     return data
@@ -174,14 +192,17 @@ def _read_s3(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def read_object(uri: str, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """All bytes of one local file or S3 object (one GET), refusing anything above max_bytes."""
+def read_object(
+    uri: str, max_bytes: int = DEFAULT_MAX_BYTES, roots: tuple[str, ...] | None = None
+) -> bytes:
+    """All bytes of one local file or S3 object (one GET), refusing anything above max_bytes. Local
+    paths must be regular files, inside `roots` (from `confine`) when given."""
     uri = normalize(uri)
     if uri.startswith("s3://"):
         return _read_s3(uri, max_bytes)
     if "://" in uri:
         raise ReadFailed("unreadable", f"unsupported URI scheme {uri.split('://')[0]}://")
-    return _read_local(uri, max_bytes)
+    return _read_local(uri, max_bytes, roots)
 
 
 def read_with_retries(
@@ -191,6 +212,7 @@ def read_with_retries(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: Callable[[], float] = random.random,
+    roots: tuple[str, ...] | None = None,
 ) -> bytes:
     """read_object, retried on transient failures per `policy`; raises ReadFailed. `sleep`, `clock` and
     `rng` (uniform in [0, 1), the jitter) are the real ones unless a test needs them predictable."""
@@ -198,7 +220,7 @@ def read_with_retries(
     attempt = 0
     while True:
         try:
-            return read_object(uri, max_bytes)
+            return read_object(uri, max_bytes, roots)
         except Exception as e:  # classified: anything unknown becomes `unreadable`, never a crash
             failure = classify(e, uri)
         if not failure.transient:
@@ -229,13 +251,14 @@ def read_many(
     threads: int = 16,
     max_bytes: int = DEFAULT_MAX_BYTES,
     policy: RetryPolicy = RetryPolicy(),
+    roots: tuple[str, ...] | None = None,
 ) -> list[tuple[bytes | None, ReadFailed | None]]:
     """(bytes, None) or (None, failure) per uri, in order, read by a bounded thread pool (object stores
-    are latency-bound; a task never opens more than `threads` connections)."""
+    are latency-bound; a task never opens more than `threads` connections). `roots`: see read_object."""
 
     def one(uri: str) -> tuple[bytes | None, ReadFailed | None]:
         try:
-            return read_with_retries(uri, max_bytes, policy), None
+            return read_with_retries(uri, max_bytes, policy, roots=roots), None
         except ReadFailed as e:
             return None, e
 

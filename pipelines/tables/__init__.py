@@ -2,9 +2,20 @@
 committed runs, the latest run, content hashes already tagged, embedding search)."""
 
 from .delta import open_or_create, open_table
-from .queries import get_run, iter_ok_hashes, latest_run, list_runs, runs_uri, search_embeddings, tags_uri
+from .queries import (
+    current_uri,
+    get_run,
+    iter_ok_hashes,
+    latest_run,
+    list_runs,
+    runs_uri,
+    search_embeddings,
+    tags_uri,
+)
 from .schema import (
+    CURRENT_SCHEMA,
     FLOATS_TYPE,
+    LABEL_COLUMNS,
     LABEL_TYPE,
     LABELS_TYPE,
     PARTITION,
@@ -13,11 +24,16 @@ from .schema import (
     TAGS_FILE_SCHEMA,
     TAGS_SCHEMA,
     UTC_TS,
+    current_app_id,
     retag_app_id,
     runs_app_id,
 )
 
 __all__ = [
+    "CURRENT_SCHEMA",
+    "LABEL_COLUMNS",
+    "current_app_id",
+    "current_uri",
     "FLOATS_TYPE",
     "LABELS_TYPE",
     "LABEL_TYPE",

@@ -1,4 +1,5 @@
-"""Read side of the output tables: committed runs, the latest run, and embedding search over a run.
+"""Read side of the output tables: committed runs, the latest run, and embedding search (over `current`,
+or one run of `tags`).
 
 Readers only trust what `runs` lists: a run's tags are visible atomically, and its `runs` row follows.
 """
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from .. import storage
@@ -23,6 +25,10 @@ def tags_uri(output: str) -> str:
 
 def runs_uri(output: str) -> str:
     return storage.join(output, "runs")
+
+
+def current_uri(output: str) -> str:
+    return storage.join(output, "current")
 
 
 def list_runs(output: str) -> pa.Table:
@@ -48,61 +54,82 @@ def get_run(output: str, run_id: str) -> dict | None:
 
 
 def search_embeddings(
-    output: str, query: np.ndarray, k: int = 20, run_id: str | None = None
+    output: str,
+    query: np.ndarray,
+    k: int = 20,
+    run_id: str | None = None,
+    model: tuple[str, str] | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Top-k `ok` rows of a committed run (default: the latest) by cosine similarity to `query` [D].
+    """Top-k images by cosine similarity to `query` [D]: over `current` (every image's labels now; the
+    default) or over one committed run's `ok` rows of `tags` (`run_id`). With `model` = (name, version),
+    only images embedded by that model are searched (embeddings of different models do not compare).
 
-    Streams the run's rows in batches and keeps a running top-k, so memory stays flat for big runs.
-    Returns (run row, hits best first: image_id, uri, score, labels).
+    Streams the rows in batches and keeps a running top-k, so memory stays flat for big tables. Returns
+    (what was searched: source, rows, rows_other_model; hits best first: image_id, uri, score, labels).
     """
-    run = get_run(output, run_id) if run_id else latest_run(output)
-    if run is None:
-        raise storage.StorageError(
-            f"no committed run {run_id!r} in {output}" if run_id else f"no committed runs in {output}"
-        )
-    table = open_table(tags_uri(output))
+    if run_id:
+        run = get_run(output, run_id)
+        if run is None:
+            raise storage.StorageError(f"no committed run {run_id!r} in {output}")
+        table, source = open_table(tags_uri(output)), f"run {run_id} ({run['run_date']})"
+        condition = (pds.field("run_date") == run["run_date"]) & (pds.field("run_id") == run_id)
+        condition &= pds.field("status") == "ok"
+    else:
+        table, source = open_table(current_uri(output)), "current"
+        condition = pds.field("embedding").is_valid()
     if table is None:
-        raise storage.StorageError(f"no tags table in {output}")
+        raise storage.StorageError(f"no {'tags' if run_id else 'current'} table in {output}: nothing retagged yet")
     q = np.asarray(query, dtype=np.float32)
     q = q / max(float(np.linalg.norm(q)), 1e-12)
-    ds = table.to_pyarrow_dataset()
-    condition = (
-        (pds.field("run_date") == run["run_date"])
-        & (pds.field("run_id") == run["run_id"])
-        & (pds.field("status") == "ok")
-    )
-    heap: list[tuple[float, int, dict]] = []
-    seq = 0
-    for batch in ds.to_batches(columns=["image_id", "uri", "embedding", "labels"], filter=condition):
-        if batch.num_rows == 0:
-            continue
-        emb_col = batch.column("embedding")
-        dim = len(emb_col[0].as_py())
-        emb = emb_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-        if dim != q.shape[0]:
-            raise storage.StorageError(
-                f"embedding size {dim} of run {run['run_id']} differs from the model's {q.shape[0]}: "
-                "search with the model that produced the run"
-            )
-        sims = emb @ q
-        top = np.argsort(-sims)[:k]
-        for i in top:
+    columns = ["image_id", "uri", "embedding", "labels", "model_name", "model_version"]
+    top = _TopK(k)
+    searched = other = 0
+    for batch in table.to_pyarrow_dataset().to_batches(columns=columns, filter=condition):
+        if model is not None:
+            mine = pc.and_(pc.equal(batch.column("model_name"), model[0]), pc.equal(batch.column("model_version"), model[1]))
+            other += batch.num_rows - int(pc.sum(mine).as_py() or 0)
+            batch = batch.filter(mine)
+        if batch.num_rows:
+            searched += batch.num_rows
+            top.add(batch, _embeddings(batch, q.shape[0], source) @ q)
+    return {"source": source, "rows": searched, "rows_other_model": other}, top.hits()
+
+
+def _embeddings(batch: pa.RecordBatch, dim: int, source: str) -> np.ndarray:
+    col = batch.column("embedding")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    if flat.size != batch.num_rows * dim:
+        raise storage.StorageError(
+            f"the embeddings of {source} are not {dim}-d like the model's: search with the model that made them"
+        )
+    return flat.reshape(-1, dim)
+
+
+class _TopK:
+    """A running top-k over batches (a min-heap of (score, arrival, row))."""
+
+    def __init__(self, k: int):
+        self.k, self.heap, self.seq = k, [], 0
+
+    def add(self, batch: pa.RecordBatch, sims: np.ndarray) -> None:
+        for i in np.argsort(-sims)[: self.k]:
             s = float(sims[i])
-            if len(heap) < k or s > heap[0][0]:
-                row = {
-                    "image_id": batch.column("image_id")[int(i)].as_py(),
-                    "uri": batch.column("uri")[int(i)].as_py(),
-                    "score": s,
-                    "labels": [x["label"] for x in batch.column("labels")[int(i)].as_py() or []],
-                }
-                seq += 1
-                item = (s, seq, row)
-                if len(heap) < k:
-                    heapq.heappush(heap, item)
-                else:
-                    heapq.heapreplace(heap, item)
-    hits = [row for _, _, row in sorted(heap, key=lambda t: (-t[0], t[1]))]
-    return run, hits
+            if len(self.heap) == self.k and s <= self.heap[0][0]:
+                break
+            row = {
+                "image_id": batch.column("image_id")[int(i)].as_py(),
+                "uri": batch.column("uri")[int(i)].as_py(),
+                "score": s,
+                "labels": [x["label"] for x in batch.column("labels")[int(i)].as_py() or []],
+            }
+            self.seq += 1
+            if len(self.heap) < self.k:
+                heapq.heappush(self.heap, (s, self.seq, row))
+            else:
+                heapq.heapreplace(self.heap, (s, self.seq, row))
+
+    def hits(self) -> list[dict]:
+        return [row for _, _, row in sorted(self.heap, key=lambda t: (-t[0], t[1]))]
 
 
 def iter_ok_hashes(tags_uri: str, model_name: str, model_version: str) -> Iterator[pa.Array]:

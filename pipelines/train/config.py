@@ -136,6 +136,11 @@ class TrainConfig:
         names = {f.name for f in fields(OptimConfig)}
         return OptimConfig(**{k: v for k, v in self.to_dict().items() if k in names})
 
+    def model_options(self) -> dict[str, Any]:
+        """What `MuMIC.create` takes from this config (the backbone, its weights and the head)."""
+        names = ("backbone", "pretrained", "train_mode", "learn_tau", "init_tau", "use_bias", "resize_mode")
+        return {k: getattr(self, k) for k in names}
+
     def loggable(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in ("fault", "tracking_uri")}
 

@@ -114,16 +114,7 @@ class _Worker:
         torch.set_num_threads(int(config["threads"]))
         device = ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
-        model = MuMIC.create(
-            Taxonomy.from_dict(config["taxonomy"]),
-            backbone=cfg.backbone,
-            pretrained=cfg.pretrained,
-            train_mode=cfg.train_mode,
-            learn_tau=cfg.learn_tau,
-            init_tau=cfg.init_tau,
-            use_bias=cfg.use_bias,
-            resize_mode=cfg.resize_mode,
-        ).to(device)
+        model = MuMIC.create(Taxonomy.from_dict(config["taxonomy"]), **cfg.model_options()).to(device)
         optimizer = make_optimizer(model, cfg.optim())
         state: dict = {"epoch": 0, "step": 0, "history": []}
         resume = ray.train.get_checkpoint()

@@ -295,3 +295,13 @@ def test_thousands_of_huge_junk_labels_make_a_short_message(tmp_path, taxonomy_w
     with pytest.raises(AnnotationError, match=r"200 label\(s\) not in the taxonomy: .* and 180 more") as info:
         annotations.load(_write(tmp_path, rows), taxonomy_with_unseen)
     assert len(str(info.value)) < 2000 and "\n" not in str(info.value)
+
+
+def test_csv_values_are_read_as_written_not_guessed_as_numbers(tmp_path):
+    from pipelines.storage import read_table
+
+    (tmp_path / "a.csv").write_text("image_id,uri,labels\n007,a.jpg,1e3|red\n010,b.jpg,\n")
+    assert read_table(str(tmp_path / "a.csv")).to_pylist() == [
+        {"image_id": "007", "uri": "a.jpg", "labels": "1e3|red"},
+        {"image_id": "010", "uri": "b.jpg", "labels": ""},
+    ]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from jobs import cli
 
-CONTRACT_COMMANDS = ("quickstart", "train", "evaluate", "promote", "retag", "tag", "search", "runs")
+CONTRACT_COMMANDS = ("quickstart", "train", "evaluate", "promote", "retag", "tag", "search", "runs", "vacuum")
 
 
 def mumic(*args, **kw):

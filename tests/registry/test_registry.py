@@ -118,9 +118,10 @@ def test_promotion_refuses_a_worse_version_and_accepts_a_better_one(store, model
         registry.promote(NAME, v1, metric="f1_at_3")
 
 
-def test_pyfunc_scores_image_uris_and_bytes_like_the_model(store, model_folder, tmp_path):
+def test_pyfunc_scores_image_uris_and_bytes_like_the_model(store, model_folder, tmp_path, monkeypatch):
     import mlflow
 
+    monkeypatch.setenv("MUMIC_ALLOWED_ROOTS", str(tmp_path))  # the folder the served model may read
     _register(store, model_folder, 0.8)
     model = checkpoint.load(model_folder)
     images, _ = synthetic.make_arrays(5, seed=9, size=48)

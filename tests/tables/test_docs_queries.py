@@ -73,6 +73,7 @@ def test_duckdb_queries_of_the_docs_answer_for_the_latest_run(output):
     assert ns["run_id"] == latest["run_id"] == "run-b"
     assert ns["latest_rows"] == latest["rows_ok"] + latest["rows_error"] == 6
     assert set(ns["current"]["image_id"]) == all_ok_images and len(ns["current"]) == len(all_ok_images)
+    assert set(ns["current"]["status"]) == {"ok"}
     with_label = ns["with_label"]
     assert set(with_label.columns) == {"image_id", "uri", "score"}
     assert (with_label["score"] >= ns["min_score"]).all()
