@@ -10,7 +10,7 @@ from ..lazy import exports
 
 # exported lazily: `mumic <command> --help` reads the options module without importing Ray and torch
 _EXPORTS = {
-    "options": ("RUN_ID_PATTERN", "RetagError", "RetagOptions", "StagingMismatch", "TooManyErrors", "new_run_id"),
+    "options": ("RUN_ID_PATTERN", "CommitFailed", "RetagError", "RetagOptions", "StagingMismatch", "TooManyErrors", "new_run_id"),
     "plan": ("Plan", "plan_resources"),
     "run": ("format_summary", "run_retag"),
 }

@@ -20,6 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..storage import aws
 from ..storage.files import first_longer, first_non_utf8, printable, unreadable_table
 
 CATALOG_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string())])
@@ -201,12 +202,10 @@ def _iter_local(root: str) -> Iterator[tuple[str, str]]:
 
 
 def _iter_s3(uri: str, page_size: int) -> Iterator[tuple[str, str]]:
-    import boto3
-
     bucket, _, prefix = uri[len("s3://") :].partition("/")
     if prefix and not prefix.endswith("/"):
         prefix += "/"  # "s3://b/imgs" must not list "imgs2/..."
-    client = boto3.client("s3")  # endpoint and credentials from the AWS environment
+    client = aws.boto_s3(retrying=True)  # the AWS settings read once, the SDK's own retries
     pages = client.get_paginator("list_objects_v2").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
     )

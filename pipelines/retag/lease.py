@@ -217,6 +217,9 @@ class RunLease:
             if found is None:
                 continue  # released meanwhile
             held = LeaseInfo.parse(found[0])
+            if held == mine:  # our create landed but its answer was lost (a reset): the SDK retried it
+                self.info, self._token = mine, found[1]
+                break
             if held is None and unreadable < 2:
                 unreadable += 1  # being written where the filesystem has no hard links: read it again
                 time.sleep(0.2)

@@ -31,6 +31,13 @@ class StagingMismatch(RetagError):
     code = 1
 
 
+class CommitFailed(RetagError):
+    """Writing a run's commit failed (the store refused or cut the connection): nothing half-done is
+    visible, and a rerun of the run id finishes or repairs it."""
+
+    code = 1
+
+
 class TooManyErrors(RetagError):
     """More error rows than `max_error_rate` allows (an outage, expired credentials): nothing committed."""
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 import pyarrow.compute as pc
 import ray
+from deltalake.exceptions import DeltaError
 
 from mumic_core import checkpoint
 from mumic_core.taxonomy import Taxonomy
@@ -35,7 +36,7 @@ from .current import RunFacts, is_merged, update_current
 from .dataset import build_dataset
 from .decode import KnownDigests
 from .lease import RunLease
-from .options import RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
+from .options import CommitFailed, RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
 from .plan import plan_resources
 from .staging import PartWriter, RunStaging, StagedPart
 
@@ -361,10 +362,17 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
         **counts,
     }
     run.event("before_commit", {"run_id": run.run_id, **counts})
-    version = commit_run(run.tags_uri, run.run_id, manifest["run_date"], parts, run_row)
-    ensure_run_row(run.runs_uri, run_row)
-    run.event("before_current", {"run_id": run.run_id})
-    _update_current(run, manifest["run_date"], version, parts)
+    try:
+        version = commit_run(run.tags_uri, run.run_id, manifest["run_date"], parts, run_row)
+        ensure_run_row(run.runs_uri, run_row)
+        run.event("before_current", {"run_id": run.run_id})
+        _update_current(run, manifest["run_date"], version, parts)
+    except (OSError, DeltaError) as e:  # the store failed a write: every commit is all or nothing
+        line = storage.redact(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CommitFailed(
+            f"run {run.run_id}: writing its commit failed ({line[:300]}); nothing half-done is visible: "
+            f"rerun with --run-id {run.run_id} to finish it"
+        ) from e
     run.staging.cleanup()
     return counts, version
 

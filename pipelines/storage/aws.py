@@ -65,15 +65,15 @@ def _make_arrow_s3(s: S3Settings) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def _make_boto_s3(s: S3Settings):
-    import boto3
+def _make_boto_s3(s: S3Settings, retries: dict):
+    import boto3  # the SDK, for the requests pyarrow's filesystem does not make (conditional writes)
     from botocore.config import Config
 
     config = Config(
         connect_timeout=CONNECT_TIMEOUT_S,
         read_timeout=READ_TIMEOUT_S,
         max_pool_connections=MAX_CONNECTIONS,
-        retries={"total_max_attempts": 1},  # no SDK retries: `objects.read_with_retries` is the one layer
+        retries=retries,
     )
     return boto3.session.Session().client(
         "s3", endpoint_url=s.endpoint or None, region_name=s.region or None, config=config
@@ -84,9 +84,12 @@ def arrow_s3() -> pafs.S3FileSystem:
     return _cached("arrow", _make_arrow_s3)
 
 
-def boto_s3():
-    """A botocore S3 client (thread-safe) with SDK retries off."""
-    return _cached("boto", _make_boto_s3)
+def boto_s3(retrying: bool = False):
+    """A botocore S3 client (thread-safe). Image reads use it with SDK retries off (`objects` has the one
+    retry layer, with a time budget); small control files (leases) with the SDK's standard retries."""
+    if retrying:
+        return _cached("boto-retrying", lambda s: _make_boto_s3(s, {"mode": "standard", "max_attempts": 5}))
+    return _cached("boto", lambda s: _make_boto_s3(s, {"total_max_attempts": 1}))
 
 
 def delta_storage_options(uri: str) -> dict[str, str]:

@@ -291,7 +291,7 @@ def _s3_if(operation: str, uri: str, **request) -> dict | None:
     """A conditional S3 request; its response, or None when its condition did not hold (lost a race)."""
     bucket, key = _bucket_key(uri)
     try:
-        return getattr(aws.boto_s3(), operation)(Bucket=bucket, Key=key, **request)
+        return getattr(aws.boto_s3(retrying=True), operation)(Bucket=bucket, Key=key, **request)
     except Exception as e:
         if _lost_race(e):
             return None
@@ -344,7 +344,7 @@ def read_versioned(uri: str) -> tuple[bytes, str] | None:
     if uri.startswith("s3://"):
         bucket, key = _bucket_key(uri)
         try:
-            response = aws.boto_s3().get_object(Bucket=bucket, Key=key)
+            response = aws.boto_s3(retrying=True).get_object(Bucket=bucket, Key=key)
         except Exception as e:
             if _lost_race(e):
                 return None
