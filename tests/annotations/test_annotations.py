@@ -13,8 +13,7 @@ from mumic_core import synthetic
 from mumic_core.splits import split_of
 from mumic_core.taxonomy import Label, Taxonomy
 from pipelines import annotations
-from pipelines.annotations import augment
-from pipelines.annotations import AnnotationError
+from pipelines.annotations import AnnotationError, augment
 
 
 @pytest.fixture
