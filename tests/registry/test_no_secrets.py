@@ -38,10 +38,12 @@ from mumic_core import synthetic
 ROOT = Path(__file__).resolve().parents[2]
 S3_SECRET = "testing-secret-never-logged"  # the s3_server fixture's AWS_SECRET_ACCESS_KEY
 SESSION_TOKEN = "FAKE-SESSION-TOKEN-123456"
+ACCESS_KEY_ID = "AKIAFAKEKEYID0123456"  # shaped like a real one (the local S3 server accepts any)
 MLFLOW_TOKEN = "FAKE-MLFLOW-TOKEN-654321"
 PASSWORD = "FAKE-PASSWORD-777"
 SECRETS = (
     S3_SECRET,
+    ACCESS_KEY_ID,
     SESSION_TOKEN,
     MLFLOW_TOKEN,
     PASSWORD,
@@ -152,6 +154,7 @@ def world(request, s3_server, tmp_path_factory):
     root = tmp_path_factory.mktemp("no-secrets")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AWS_SESSION_TOKEN", SESSION_TOKEN)  # before Ray starts: its workers inherit them
+        mp.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
         mp.setenv("MLFLOW_TRACKING_TOKEN", MLFLOW_TOKEN)
         mp.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)  # what a user's shell has
         proc, port = _start_mlflow_server(root)
