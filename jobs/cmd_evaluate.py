@@ -28,8 +28,8 @@ DESCRIPTION = (
 class EvaluateArgs:
     """Which images (a split of an annotations file), which model, and where the run is logged."""
 
-    annotations: str = Field(description="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]")
     model: str = model_field()
+    annotations: str = Field(description="Parquet/CSV: image_id, uri, labels[, split, unknown_labels]")
     split: Literal["train", "val", "test", "all"] = Field("test", description="which rows to score")
     experiment: str = Field("mumic-evaluate", description="MLflow experiment ('' to skip logging)")
     workdir: str | None = Field(None, description=WORKDIR_HELP)

@@ -18,10 +18,11 @@ if TYPE_CHECKING:
 NAME = "retag"
 HELP = "tag a catalog with a model into Delta tables (Ray Data; incremental; one commit per run)"
 DESCRIPTION = (
-    "Stream a catalog (Parquet/CSV with image_id, uri; or a folder / s3:// prefix) through fetch, decode and "
-    "an inference actor pool into <output>/tags and <output>/runs. Each run is one atomic commit; rerunning "
-    "a crashed run with the same --run-id finishes it; images already tagged ok by the same model version "
-    "are skipped unless --full."
+    "Stream a catalog (Parquet/CSV with image_id, uri; or a folder / s3:// prefix) through fetch, decode "
+    "and an inference actor pool into <output>/tags (history), <output>/current (every image's labels now) "
+    "and <output>/runs. Each run is one atomic commit; rerunning a crashed run with the same --run-id "
+    "finishes it; images already tagged ok by the same model version are skipped unless --full; a run with "
+    "more than --max-error-rate of its rows in error commits nothing."
 )
 
 
