@@ -21,17 +21,16 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import free_port
+from servers import start_mlflow_server, stop
 
 from mumic_core import synthetic
 
@@ -59,54 +58,9 @@ def _leaks(text: str | bytes) -> list[str]:
 
 
 def _start_mlflow_server(root: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+    """The tracking server, started without the test's MLFLOW_/AWS_ settings (its own store)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_"))}
-    with open(root / "server.log", "wb") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mlflow",
-                "server",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--backend-store-uri",
-                f"sqlite:///{root}/server.db",
-                "--artifacts-destination",
-                str(root / "artifacts"),
-                "--workers",
-                "1",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop(proc)
-            raise RuntimeError(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return start_mlflow_server(root, env)
 
 
 def _dataset(bucket: str, endpoint: str, local: Path) -> dict[str, str]:
@@ -169,7 +123,7 @@ def world(request, s3_server, tmp_path_factory):
             env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
             yield _run_commands(root, bucket, paths, env, uri, s3_server)
         finally:
-            _stop(proc)
+            stop(proc)
 
 
 def _run_commands(root: Path, bucket: str, paths: dict, env: dict, uri: str, endpoint: str) -> dict:
