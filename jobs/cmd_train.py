@@ -31,6 +31,10 @@ GROUPS = {  # how `mumic train --help` lists the options of TrainConfig
         "max_pixels",
     ),
     "model": ("backbone", "pretrained", "train_mode", "init_tau", "learn_tau", "use_bias"),
+    "head": (
+        "head", "stage", "stage2_epochs", "decoder_alpha", "decoder_beta", "decoder_tau", "mkt_top_k",
+        "mkt_distill_weight", "mkt_layer_decay",
+    ),
     "optimisation": (
         "epochs", "batch_size", "eval_batch_size", "lr_image", "lr_text", "lr_head", "weight_decay",
         "warmup_steps", "grad_clip", "loss_weighting", "focal_gamma", "seed", "select_metric",

@@ -1,7 +1,7 @@
 """Saved models: a folder (local or any fsspec URI such as s3://) with `model.safetensors` + `config.json`.
 
 The JSON holds everything needed to rebuild the model without the code that trained it: the resolved
-open_clip architecture, the taxonomy, tau, bias, thresholds and preprocessing. Loading reads those two
+open_clip architecture, the head and its options, the taxonomy, tau, bias, thresholds and preprocessing. Loading reads those two
 files and nothing else (no code in the folder runs, nothing is unpickled); a config that is not JSON, too
 big, has fields this version does not know or absurd sizes, or weights whose sha256 differs from the
 config's `weights_sha256`, is a one-line ModelError.
@@ -27,7 +27,9 @@ from .taxonomy import Taxonomy
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: heads (model.head_options; the head's weights under `head.`)
+# Format 1 (MuMIC only) kept its τ and b at the top of the state dict; read as the mumic head's.
+FORMAT_1_KEYS = {"log_tau": "head.log_tau", "bias": "head.bias"}
 MAX_CONFIG_BYTES = 16 << 20  # a real config.json is a few KB (a large taxonomy: a few hundred KB)
 
 # What config_dict writes, and what `extra` may add (train checkpoints: epoch; contract.md: name, version).
@@ -65,8 +67,7 @@ def config_dict(model: MuMIC, extra: dict[str, Any] | None = None) -> dict[str, 
         "model": model.config.to_dict(),
         "taxonomy": model.taxonomy.to_dict(),
         "taxonomy_sha256": model.taxonomy.sha256,
-        "tau": model.tau,
-        "bias": float(model.bias.detach()),
+        **model.head.summary(),  # tau, bias: where the head has them
         "thresholds": [float(t) for t in model.thresholds.tolist()],
         "preprocessing": {
             "image_size": model.config.image_size,
@@ -191,8 +192,13 @@ def from_bytes(
     except SafetensorError as e:
         why = " ".join(str(e).split())[:120]
         raise ModelError(f"{source}: {WEIGHTS} is not a safetensors file ({why})") from None
+    if cfg.get("format_version", 0) < 2:
+        state = {FORMAT_1_KEYS.get(k, k): v for k, v in state.items()}
     config = ModelConfig.from_dict(cfg["model"])
-    model = MuMIC(config, Taxonomy.from_dict(cfg["taxonomy"]))
+    try:
+        model = MuMIC(config, Taxonomy.from_dict(cfg["taxonomy"]))
+    except ModelError as e:
+        raise ModelError(f"{source}: {e}") from None
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of the wrong shape

@@ -139,14 +139,21 @@ def asymmetric_loss(
 
 
 def multi_positive_infonce(
-    img_emb: Tensor, text_emb: Tensor, labels: Tensor, tau: Tensor | float = 0.07
+    img_emb: Tensor, text_emb: Tensor, labels: Tensor, tau: Tensor | float = 0.07, mask: Tensor | None = None
 ) -> Tensor:
     """CLIP-Decoder's L_clip: per image −mean_{c ∈ P_i} log softmax_c(e·t/τ), averaged over images with a positive.
 
-    img_emb [B, D] and text_emb [C, D] are expected to be L2-normalised already.
+    img_emb [B, D] and text_emb [C, D] are expected to be L2-normalised already. Classes whose label is
+    unknown for an image (mask 0: e.g. unseen labels) are left out of that image's softmax, so they are
+    neither positives nor negatives.
     """
     logits = img_emb @ text_emb.t() / tau  # [B, C]
-    log_prob = logits.log_softmax(dim=1)  # [B, C]
+    if mask is not None:
+        m = _known_mask(labels, mask, logits.dtype)  # [B, C]
+        logits = logits.masked_fill(m == 0, float("-inf"))
+        labels = labels * m.to(labels.dtype)
+    log_prob = logits.log_softmax(dim=1)  # [B, C]; -inf where unknown
+    log_prob = torch.where(torch.isfinite(log_prob), log_prob, torch.zeros_like(log_prob))
     y = labels.to(logits.dtype)  # [B, C]
     n_pos = y.sum(dim=1)  # [B]
     per_image = -(y * log_prob).sum(dim=1) / n_pos.clamp(min=1)  # [B]
@@ -175,6 +182,42 @@ def ranking_loss(scores: Tensor, labels: Tensor, margin: float = 1.0, mask: Tens
 def distillation_l1(student: Tensor, teacher: Tensor) -> Tensor:
     """MKT's L_dist: mean absolute difference between student and (frozen) teacher embeddings [B, D]."""
     return F.l1_loss(student, teacher.detach())
+
+
+def clip_decoder_loss(
+    logits: Tensor,
+    img_emb: Tensor,
+    text_emb: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    tau: float = 0.07,
+    detach_weight: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CLIP-Decoder's L = α·L_clip(e, t) + β·ASL(logits) (ASL: γ+ = 0, γ− = 4, clip 0.05, summed as in
+    ML-Decoder); returns (L, {"clip": L_clip, "asl": ASL})."""
+    l_clip = multi_positive_infonce(img_emb, text_emb, labels, tau, mask=mask)
+    l_cls = asymmetric_loss(logits, labels, mask=mask, detach_weight=detach_weight)
+    return alpha * l_clip + beta * l_cls, {"clip": l_clip, "asl": l_cls}
+
+
+def mkt_loss(
+    scores: Tensor,
+    labels: Tensor,
+    mask: Tensor | None = None,
+    student: Tensor | None = None,
+    teacher: Tensor | None = None,
+    distill_weight: float = 1.0,
+    margin: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """MKT: L_rank(scores), plus distill_weight · L_dist(student, teacher) when a teacher is given (stage 1);
+    returns (L, {"rank": ..., "distill": ...})."""
+    rank = ranking_loss(scores, labels, margin=margin, mask=mask)
+    if teacher is None:
+        return rank, {"rank": rank}
+    dist = distillation_l1(student, teacher)
+    return rank + distill_weight * dist, {"rank": rank, "distill": dist}
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {

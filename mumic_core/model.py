@@ -1,11 +1,14 @@
-"""MuMIC: an open_clip backbone scored against class text embeddings through a tempered sigmoid.
+"""The model: an open_clip backbone and a head from the registry (`mumic_core.heads`), scored against
+class text embeddings, so any label string can be scored through the text tower.
 
-    img_emb = normalize(f_I(x))                      # [B, D]  (the "domain embedding")
-    cls_emb = normalize(mean_k normalize(f_T(p_ck))) # [C, D]  (one per label, from its prompts)
-    p       = sigmoid(img_emb @ cls_emb.T / tau + b) # [B, C]
+    features = f_I(x)                                # backbone: pooled [B, D] (+ patch tokens for some heads)
+    cls_emb  = normalize(mean_k normalize(f_T(p_ck))) # [C, D]  (one per label, from its prompts)
+    out      = head(features, cls_emb)               # probs [B, C]; img_emb [B, D] in the text space
+    (head `mumic`: p = sigmoid(normalize(pooled) @ cls_emb.T / tau + b))
 
-Everything that defines a model version (architecture, taxonomy, tau, bias, thresholds, preprocessing)
-lives in `ModelConfig` + the state dict, which `mumic_core.checkpoint` saves as safetensors + JSON.
+Everything that defines a model version (architecture, head and its options, taxonomy, tau, bias,
+thresholds, preprocessing) lives in `ModelConfig` + the state dict, which `mumic_core.checkpoint` saves as
+safetensors + JSON.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import heads
+from .heads import Head, ImageFeatures
 from .images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES
 from .taxonomy import Taxonomy
 
@@ -36,7 +41,7 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers `mumic-tiny` (and any JSON shipped there)
 
 TRAIN_MODES = ("both", "image", "frozen")
-HEADS = ("mumic",)
+HEADS = heads.HEAD_NAMES
 
 # Generous bounds on an open_clip architecture, checked before anything is allocated. The largest CLIPs
 # (ViT-bigG-14: width 1664, 48 layers, embed 1280; SigLIP so400m at 384 px; 77..256 text tokens) are far
@@ -69,7 +74,8 @@ class ModelConfig:
 
     backbone: str = "ViT-B-32"  # open_clip model name, or a path/URI of an architecture JSON
     pretrained: str | None = None  # open_clip tag, local/S3 checkpoint file, or None (random init)
-    head: str = "mumic"
+    head: str = "mumic"  # a name in mumic_core.heads.HEADS
+    head_options: Any = field(default_factory=dict)  # the head's options dataclass (a mapping when given)
     learn_tau: bool = True
     init_tau: float | None = None  # None: 1 / exp(logit_scale) of the backbone checkpoint
     use_bias: bool = True
@@ -84,6 +90,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ModelError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
+        try:
+            self.head_options = heads.options_for(self.head, self.head_options)
+        except ValueError as e:
+            raise ModelError(f"head {self.head}: {e}") from None
         if self.train_mode not in TRAIN_MODES:
             raise ModelError(f"unknown train_mode {self.train_mode!r}; known: {', '.join(TRAIN_MODES)}")
         if self.resize_mode not in RESIZE_MODES:
@@ -304,6 +314,15 @@ def load_pretrained(clip: nn.Module, backbone: str, pretrained: str) -> dict[str
 
 
 class MuMIC(nn.Module):
+    """The backbone (`clip`) and a head (`head`, from the registry by `config.head`); per-label thresholds.
+
+    The one interface of every head, used by `Scorer`, training and checkpoints alike:
+      image_features(pixels)             → ImageFeatures, under whatever precision the caller set
+      class_embeddings(taxonomy)         → [C, D], cached while the text side does not train
+      score_features(features, cls_emb)  → {"probs" [B, C], "img_emb" [B, D], ...}, always fp32
+    `forward` is the three in a row.
+    """
+
     def __init__(self, config: ModelConfig, taxonomy: Taxonomy, clip: nn.Module | None = None):
         super().__init__()
         if not config.arch:
@@ -315,20 +334,21 @@ class MuMIC(nn.Module):
         self.taxonomy = taxonomy
         self.clip = clip if clip is not None else build_clip(config.arch)
         self.tokenizer = build_tokenizer(config.arch)
-
-        init_tau = config.init_tau
-        if init_tau is None:
-            init_tau = 1.0 / float(self.clip.logit_scale.detach().exp())
-        self.log_tau = nn.Parameter(torch.tensor(math.log(init_tau)), requires_grad=config.learn_tau)
-        self.bias = nn.Parameter(torch.tensor(float(config.init_bias)), requires_grad=config.use_bias)
+        try:
+            self.head: Head = heads.build_head(config, self.clip, self.tokenizer)
+        except ValueError as e:
+            raise ModelError(f"head {config.head} on {config.backbone}: {e}") from None
+        # the image tower hands the patch tokens over too, for the heads that read them
+        self.clip.visual.output_tokens = self.head.tokens is not None
         self.register_buffer("thresholds", torch.full((len(taxonomy),), 0.5))
         self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self._text_cache: dict[tuple, torch.Tensor] = {}
-        # open_clip's own temperature is unused: ours is log_tau
+        # open_clip's own temperature is unused: the head has its own (if any)
         self.clip.logit_scale.requires_grad_(False)
         if getattr(self.clip, "logit_bias", None) is not None:
             self.clip.logit_bias.requires_grad_(False)
+        self.stage = self.head.stages[0]
         self.set_train_mode(config.train_mode)
 
     @classmethod
@@ -342,7 +362,7 @@ class MuMIC(nn.Module):
                 setattr(config, k, v)
         return cls(config, taxonomy, clip)
 
-    # ---- parameters and train modes ----
+    # ---- parameters, train modes and stages ----
     def image_parameters(self) -> list[nn.Parameter]:
         return list(self.clip.visual.parameters())
 
@@ -353,26 +373,41 @@ class MuMIC(nn.Module):
         return [p for p in self.clip.parameters() if id(p) not in skip]
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return [self.log_tau, self.bias]
+        return list(self.head.parameters())
 
     def set_train_mode(self, mode: str) -> None:
+        """What trains (methods.md §1), as the head applies it in the current stage."""
         if mode not in TRAIN_MODES:
             raise ModelError(f"unknown train_mode {mode!r}; known: {', '.join(TRAIN_MODES)}")
         self.config.train_mode = mode
-        for p in self.image_parameters():
-            p.requires_grad_(mode in ("both", "image"))
-        for p in self.text_parameters():
-            p.requires_grad_(mode == "both")
-        self.log_tau.requires_grad_(self.config.learn_tau)
-        self.bias.requires_grad_(self.config.use_bias)
+        self.head.set_trainable(self, mode, self.stage)
+
+    def begin_stage(self, stage: int) -> None:
+        """Make `stage` of the head's training (`head.stages`) the one that trains next."""
+        if stage not in self.head.stages:
+            raise ModelError(f"head {self.config.head} has no stage {stage}; its stages: {list(self.head.stages)}")
+        self.stage = stage
+        self.head.begin_stage(self, stage)
+        self.set_train_mode(self.config.train_mode)
 
     @property
     def text_trainable(self) -> bool:
-        return any(p.requires_grad for p in self.text_parameters())
+        return any(p.requires_grad for p in (*self.text_parameters(), *self.head.text_parameters()))
 
     @property
-    def tau(self) -> float:
-        return float(self.log_tau.detach().exp())
+    def tau(self) -> float | None:
+        """The head's temperature (MuMIC's learned τ, CLIP-Decoder's L_clip τ); None for a head without."""
+        return self.head.tau
+
+    @property
+    def log_tau(self) -> nn.Parameter:
+        """The MuMIC head's log τ (AttributeError for other heads)."""
+        return self.head.log_tau
+
+    @property
+    def bias(self) -> nn.Parameter:
+        """The MuMIC head's bias b (AttributeError for other heads)."""
+        return self.head.bias
 
     @property
     def embed_dim(self) -> int:
@@ -388,9 +423,21 @@ class MuMIC(nn.Module):
             pixels = (pixels.float() / 255.0 - self.pixel_mean) / self.pixel_std
         return pixels
 
+    def image_features(self, pixels: torch.Tensor | np.ndarray) -> ImageFeatures:
+        """The image tower's output for the head: the pooled projection and, if the head reads them, the
+        patch tokens (after ln_post; projected too for `tokens == "embed"`)."""
+        visual = self.clip.visual
+        out = visual(self.prepare_pixels(pixels))
+        if self.head.tokens is None:
+            return ImageFeatures(out)
+        pooled, tokens = out  # [B, D], [B, N, W]
+        if self.head.tokens == "embed":
+            tokens = tokens @ visual.proj  # [B, N, D]
+        return ImageFeatures(pooled, tokens)
+
     def encode_images(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """L2-normalised image embeddings [B, D]."""
-        return F.normalize(self.clip.encode_image(self.prepare_pixels(pixels)), dim=-1)
+        """L2-normalised pooled image embeddings [B, D] (the backbone's, before any head)."""
+        return F.normalize(self.image_features(pixels).pooled, dim=-1)
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings [N, D]."""
@@ -399,42 +446,47 @@ class MuMIC(nn.Module):
 
     def _text_fingerprint(self) -> tuple:
         # `_version` increases on every in-place update (optimizer.step, load_state_dict, copy_), so
-        # this changes exactly when the text tower's weights do.
-        return tuple((p.data_ptr(), p._version) for p in self.text_parameters())
+        # this changes exactly when the text side's weights do; the head's options say which text path
+        # it takes (MKT's learned prompt once stage 2 has begun).
+        params = (*self.text_parameters(), *self.head.text_parameters())
+        return (*((p.data_ptr(), p._version) for p in params), repr(self.config.head_options))
 
-    def class_embeddings(self, taxonomy: Taxonomy | None = None) -> torch.Tensor:
-        """[C, D]: per label, the normalised mean of its normalised prompt embeddings.
-
-        Cached per (taxonomy, text-tower weights) whenever no gradient must flow into the text tower;
-        recomputed inside the step while the text tower trains.
-        """
-        taxonomy = taxonomy or self.taxonomy
-        needs_grad = torch.is_grad_enabled() and self.text_trainable
-        key = (taxonomy.sha256, str(self.pixel_mean.device), self._text_fingerprint())
-        if not needs_grad and key in self._text_cache:
-            return self._text_cache[key]
+    def prompt_embeddings(self, taxonomy: Taxonomy) -> torch.Tensor:
+        """[C, D]: per label, the normalised mean of its normalised prompt embeddings."""
         prompts = [taxonomy.prompts_for(label) for label in taxonomy.labels]
         flat = [p for ps in prompts for p in ps]
         emb = self.encode_texts(flat)  # [sum_k, D]
         owner = torch.tensor([i for i, ps in enumerate(prompts) for _ in ps], device=emb.device)
         summed = torch.zeros(len(prompts), emb.shape[1], device=emb.device, dtype=emb.dtype)
         summed = summed.index_add(0, owner, emb)
-        cls_emb = F.normalize(summed, dim=-1)
+        return F.normalize(summed, dim=-1)
+
+    def class_embeddings(self, taxonomy: Taxonomy | None = None) -> torch.Tensor:
+        """[C, D] L2-normalised, as the head makes them (by default `prompt_embeddings`).
+
+        Cached per (taxonomy, text-side weights) whenever no gradient must flow into the text side;
+        recomputed inside the step while it trains.
+        """
+        taxonomy = taxonomy or self.taxonomy
+        needs_grad = torch.is_grad_enabled() and self.text_trainable
+        key = (taxonomy.sha256, str(self.pixel_mean.device), self._text_fingerprint())
+        if not needs_grad and key in self._text_cache:
+            return self._text_cache[key]
+        cls_emb = self.head.encode_classes(self, taxonomy)
         if not needs_grad:
             if len(self._text_cache) > 8:
                 self._text_cache.clear()
             cls_emb = self._text_cache[key] = cls_emb.detach()
         return cls_emb
 
-    def logits_from_similarity(self, sim: torch.Tensor) -> torch.Tensor:
-        return sim / self.log_tau.exp() + self.bias
+    def score_features(self, features: ImageFeatures, cls_emb: torch.Tensor) -> dict:
+        """The head on image features and class embeddings, in fp32 whatever autocast is on."""
+        with heads.no_autocast(features.pooled.device):
+            return self.head(features.float(), cls_emb.float())
 
     def forward(self, pixels: torch.Tensor | np.ndarray, taxonomy: Taxonomy | None = None) -> dict:
-        img_emb = self.encode_images(pixels)  # [B, D]
-        cls_emb = self.class_embeddings(taxonomy)  # [C, D]
-        sim = img_emb @ cls_emb.t().to(img_emb.dtype)  # [B, C]
-        logits = self.logits_from_similarity(sim)
-        return {"img_emb": img_emb, "sim": sim, "logits": logits, "probs": torch.sigmoid(logits)}
+        features = self.image_features(pixels)
+        return self.score_features(features, self.class_embeddings(taxonomy))
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:

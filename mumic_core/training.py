@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .losses import class_frequency_weights, tempered_sigmoid_bce
+from .heads import Objective
+from .losses import class_frequency_weights
 from .model import MuMIC
 
 
@@ -37,22 +38,18 @@ class OptimConfig:
 
 
 def make_optimizer(model: MuMIC, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW with separate LRs for the image tower, the text tower and tau/bias; no decay on 1-d params."""
+    """AdamW over the head's learning-rate groups for the model's current stage (MuMIC: image tower, text
+    tower, tau/bias); only parameters that train; no weight decay on 1-d parameters."""
     groups = []
-    for name, params, lr in (
-        ("image", model.image_parameters(), cfg.lr_image),
-        ("text", model.text_parameters(), cfg.lr_text),
-    ):
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+    for group in model.head.lr_groups(model, cfg, model.stage):
+        params = [p for p in group.params if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2 and group.decay]
+        no_decay = [p for p in params if p.ndim < 2 or not group.decay]
         if decay:
-            groups.append({"name": f"{name}", "params": decay, "lr": lr, "weight_decay": cfg.weight_decay})
+            groups.append({"name": group.name, "params": decay, "lr": group.lr, "weight_decay": cfg.weight_decay})
         if no_decay:
-            groups.append({"name": f"{name}_nd", "params": no_decay, "lr": lr, "weight_decay": 0.0})
-    head = [p for p in model.head_parameters() if p.requires_grad]
-    if head:
-        groups.append({"name": "head", "params": head, "lr": cfg.lr_head, "weight_decay": 0.0})
+            name = group.name if not group.decay else f"{group.name}_nd"
+            groups.append({"name": name, "params": no_decay, "lr": group.lr, "weight_decay": 0.0})
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups)
@@ -71,24 +68,23 @@ def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         g["lr"] = g["base_lr"] * factor
 
 
-def compute_loss(
-    model: MuMIC,
-    out: dict,
-    labels: torch.Tensor,
-    mask: torch.Tensor | None,
-    cfg: OptimConfig,
-    class_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return tempered_sigmoid_bce(
-        out["sim"],
-        labels.to(out["sim"].dtype),
-        model.log_tau,
-        bias=model.bias if model.config.use_bias else None,
-        mask=mask,
-        weighting=cfg.loss_weighting,
-        gamma=cfg.focal_gamma,
-        class_weights=class_weights,
-    )
+def make_objective(
+    model: MuMIC, cfg: OptimConfig, class_weights: torch.Tensor | None = None, stage: int | None = None
+) -> Objective:
+    """The head's loss for `stage` (default: the model's current one). Build it once per stage, before
+    any weights change: MKT's stage-1 objective keeps a frozen copy of the image tower as it is now."""
+    return model.head.objective(model, model.stage if stage is None else stage, cfg, class_weights)
+
+
+def stage_schedule(stages: Sequence[int], only: int | None, epochs: int, later_epochs: int | None = None) -> list[int]:
+    """The stage of every epoch of a run: `epochs` of the first (or only) stage, then `later_epochs`
+    (default: `epochs`) of each later one; `only` trains that one stage for `epochs`."""
+    if only is not None:
+        if only not in stages:
+            raise ValueError(f"stage {only} is not one of this head's stages {list(stages)}")
+        return [only] * epochs
+    later = epochs if later_epochs is None else later_epochs
+    return [s for i, s in enumerate(stages) for _ in range(epochs if i == 0 else later)]
 
 
 def train_step(
@@ -100,22 +96,29 @@ def train_step(
     cfg: OptimConfig,
     class_weights: torch.Tensor | None = None,
     autocast_device: str | None = None,
+    objective: Objective | None = None,
 ) -> float:
-    """One optimisation step. `model` may be DDP-wrapped; the loss needs the underlying MuMIC."""
+    """One optimisation step. `model` may be DDP-wrapped; the loss needs the underlying model.
+
+    `objective` (make_objective) is the head's loss; None builds one for this step, which only heads whose
+    loss holds no state allow."""
     core: MuMIC = getattr(model, "module", model)
+    if objective is None:
+        if core.head.stateful_objective:
+            raise ValueError(f"head {core.config.head}: pass the objective made once by make_objective")
+        objective = make_objective(core, cfg, class_weights)
     optimizer.zero_grad(set_to_none=True)
     if autocast_device is not None:
         with torch.autocast(autocast_device, dtype=torch.bfloat16):
             out = model(pixels)
     else:
         out = model(pixels)
-    loss = compute_loss(core, {k: v.float() for k, v in out.items()}, labels, mask, cfg, class_weights)
+    loss = objective({k: v.float() for k, v in out.items()}, labels, mask, pixels)
     loss.backward()
     if cfg.grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
     optimizer.step()
-    with torch.no_grad():  # keep tau in a sane range: too small saturates, too large never separates
-        core.log_tau.clamp_(math.log(1e-3), math.log(1.0))
+    core.head.after_step()
     return float(loss.detach())
 
 
@@ -139,40 +142,47 @@ def fit(
     mask: np.ndarray | None = None,
     time_budget_s: float | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
+    stages: Sequence[int] | None = None,
 ) -> dict:
-    """Plain single-process training loop over in-memory uint8 pixels [N,3,H,W] and labels [N,C]."""
+    """Plain single-process training loop over in-memory uint8 pixels [N,3,H,W] and labels [N,C]:
+    `cfg.epochs` epochs of each stage in `stages` (default: every stage of the head, in order)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model.train()
-    optimizer = make_optimizer(model, cfg)
-    steps_per_epoch = math.ceil(len(pixels) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
     class_weights = None
     if cfg.loss_weighting == "class_frequency":
         class_weights = class_frequency_weights(torch.as_tensor(labels), None if mask is None else torch.as_tensor(mask))
-    step, samples, t0 = 0, 0, time.perf_counter()
+    stages = list(model.head.stages if stages is None else stages)
+    objectives = {s: make_objective(model, cfg, class_weights, s) for s in stages}  # before any step changes weights
+    t0 = time.perf_counter()
+    out_of_time = (lambda: time.perf_counter() - t0 > time_budget_s) if time_budget_s is not None else (lambda: False)
     losses: list[float] = []
-    epoch = 0
-    for epoch in range(cfg.epochs):
-        order = rng.permutation(len(pixels))
-        epoch_loss, epoch_samples = 0.0, 0
-        for i in range(0, len(order), cfg.batch_size):
-            idx = order[i : i + cfg.batch_size]
-            set_lr(optimizer, lr_factor(step, total, cfg.warmup_steps))
-            m = None if mask is None else torch.as_tensor(mask[idx])
-            loss = train_step(model, optimizer, torch.as_tensor(pixels[idx]), torch.as_tensor(labels[idx]), m, cfg, class_weights)
-            epoch_loss += loss * len(idx)
-            epoch_samples += len(idx)
-            samples += len(idx)
-            step += 1
-            if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+    steps = samples = 0
+    for stage in stages:
+        model.begin_stage(stage)
+        model.train()
+        optimizer = make_optimizer(model, cfg)
+        total = math.ceil(len(pixels) / cfg.batch_size) * cfg.epochs
+        stage_step = 0
+        for _ in range(cfg.epochs):
+            epoch_loss, epoch_samples = 0.0, 0
+            order = rng.permutation(len(pixels))
+            for idx in (order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)):
+                set_lr(optimizer, lr_factor(stage_step, total, cfg.warmup_steps))
+                m = None if mask is None else torch.as_tensor(mask[idx])
+                x, y = torch.as_tensor(pixels[idx]), torch.as_tensor(labels[idx])
+                loss = train_step(model, optimizer, x, y, m, cfg, class_weights, objective=objectives[stage])
+                epoch_loss, epoch_samples = epoch_loss + loss * len(idx), epoch_samples + len(idx)
+                steps, stage_step, samples = steps + 1, stage_step + 1, samples + len(idx)
+                if out_of_time():
+                    break
+            losses.append(epoch_loss / max(1, epoch_samples))
+            if on_epoch is not None:
+                on_epoch(len(losses) - 1, losses[-1])
+            if out_of_time():
                 break
-        losses.append(epoch_loss / max(1, epoch_samples))
-        if on_epoch is not None:
-            on_epoch(epoch, losses[-1])
-        if time_budget_s is not None and time.perf_counter() - t0 > time_budget_s:
+        if out_of_time():
             break
     model.eval()
     elapsed = time.perf_counter() - t0
-    return {"epochs": epoch + 1, "steps": step, "samples": samples, "seconds": elapsed,
+    return {"epochs": len(losses), "steps": steps, "samples": samples, "seconds": elapsed,
             "samples_per_s": samples / max(elapsed, 1e-9), "losses": losses}

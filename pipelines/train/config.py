@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
+from mumic_core.heads import HEAD_NAMES, ClipDecoderOptions, MKTOptions, head_class
 from mumic_core.images import DEFAULT_MAX_PIXELS, RESIZE_MODES
 from mumic_core.metrics import HEADLINE
-from mumic_core.training import OptimConfig
+from mumic_core.training import OptimConfig, stage_schedule
 
 from ..annotations import Augment
 from ..evaluation import Report
@@ -46,12 +47,32 @@ class TrainConfig:
     pretrained: str | None = Field(
         None, description="open_clip pretrained tag, or a local/s3:// checkpoint file"
     )
+    init: str | None = Field(
+        None,
+        description="warm start from a saved model: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH "
+        "or a model folder (its backbone, head and weights; the taxonomy may add or drop labels)",
+    )
     train_mode: Literal["both", "image", "frozen"] = Field("both", description="what trains (methods.md §1)")
     learn_tau: bool = Field(True, description="learnable tau")
     init_tau: float | None = Field(
         None, gt=0, description="initial temperature (default: from the backbone)"
     )
     use_bias: bool = Field(True, description="learnable bias b")
+    # the head (mumic_core.heads; methods.md §1-3) and its options: `<prefix><option>` sets that option
+    head: Literal[HEAD_NAMES] = Field("mumic", description="scoring head: mumic | clip_decoder | mkt")
+    stage: int | None = Field(
+        None, ge=1, le=2, description="train only this stage (mkt: 1 image side, 2 prompt tuning of the "
+        "--init stage-1 model); default: every stage of the head, in order"
+    )
+    stage2_epochs: int | None = Field(None, ge=1, description="epochs of stage 2 after stage 1 (mkt; default: --epochs)")
+    decoder_alpha: float = Field(ClipDecoderOptions.alpha, ge=0, description="clip_decoder: weight α of L_clip")
+    decoder_beta: float = Field(ClipDecoderOptions.beta, ge=0, description="clip_decoder: weight β of ASL")
+    decoder_tau: float = Field(ClipDecoderOptions.tau, gt=0, description="clip_decoder: temperature τ of L_clip")
+    mkt_top_k: int = Field(MKTOptions.top_k, ge=1, description="mkt: patches averaged in the local score")
+    mkt_distill_weight: float = Field(MKTOptions.distill_weight, ge=0, description="mkt stage 1: weight of L_dist")
+    mkt_layer_decay: float = Field(
+        MKTOptions.layer_decay, gt=0, le=1, description="mkt stage 1: layer-wise LR decay per block"
+    )
     workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
     cpus_per_worker: float | None = Field(
@@ -121,6 +142,14 @@ class TrainConfig:
         Augment.parse(value)
         return value
 
+    @model_validator(mode="after")
+    def _stage_of_the_head(self) -> TrainConfig:
+        self.stages()  # a stage the head does not have is refused with the other bad values
+        first = head_class(self.head).stages[0]
+        if self.stage not in (None, first) and not self.init:
+            raise ValueError(f"--stage {self.stage} continues a model of the earlier stage: name it with --init")
+        return self
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
@@ -139,7 +168,12 @@ class TrainConfig:
     def model_options(self) -> dict[str, Any]:
         """What `MuMIC.create` takes from this config (the backbone, its weights and the head)."""
         names = ("backbone", "pretrained", "train_mode", "learn_tau", "init_tau", "use_bias", "resize_mode")
-        return {k: getattr(self, k) for k in names}
+        head_options = head_class(self.head).Options.from_train(self.to_dict())
+        return {**{k: getattr(self, k) for k in names}, "head": self.head, "head_options": head_options}
+
+    def stages(self) -> list[int]:
+        """The stage of every epoch (one stage for most heads; mkt: stage 1, then stage 2)."""
+        return stage_schedule(head_class(self.head).stages, self.stage, self.epochs, self.stage2_epochs)
 
     def loggable(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in ("fault", "tracking_uri")}

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from ..annotations import Augment
 from ..cluster import ensure_ray
 from ..evaluation import Report, Scored, report, score_dataset, write_artifacts
 from ..progress import Progress
-from ..registry import log_model_version, tracking
+from ..registry import ModelRef, log_model_version, resolve_model, tracking
 from .config import TrainConfig, TrainError, TrainResult
 from .state import MODEL_DIR, STATE
 from .worker import train_loop_per_worker
@@ -89,8 +89,10 @@ def build_trainer(
     cpus_per_worker: float,
     callbacks: list | None = None,
     class_weights: list[float] | None = None,
+    init_uri: str | None = None,
 ):
-    """The TorchTrainer of a run: `datasets` = {"train": per-epoch stream, "val": readable rows (not split)}."""
+    """The TorchTrainer of a run: `datasets` = {"train": per-epoch stream, "val": readable rows (not split)};
+    `init_uri`: the model folder every rank warm-starts from (`--init`, resolved by the driver)."""
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -99,6 +101,7 @@ def build_trainer(
             "steps_per_epoch": steps_per_epoch,
             "threads": max(1, int(cpus_per_worker)),
             "class_weights": class_weights,
+            "init_uri": init_uri,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -143,6 +146,7 @@ class _Run:
     train_mask: np.ndarray
     client: Any = None  # MlflowClient
     run_id: str = ""
+    init: ModelRef | None = None  # --init, resolved once here (workers read the folder)
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -191,7 +195,17 @@ def _prepare(cfg: TrainConfig) -> _Run:
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
     )
-    image_size = _image_size(cfg.backbone)
+    tracking_uri = cfg.tracking_uri or tracking.tracking_uri(workdir)
+    init = _resolve_init(cfg.init, tracking_uri, workdir, taxonomy) if cfg.init else None
+    if init:
+        _check_init_head(cfg, init)
+        saved = checkpoint.read_config(init.uri)["model"]  # the backbone trained on is --init's: log that one
+        cfg = replace(cfg, backbone=saved["backbone"], pretrained=saved.get("pretrained"))
+    image_size = int(checkpoint.read_config(init.uri)["preprocessing"]["image_size"]) if init else _image_size(cfg.backbone)
+    if ann.unseen_dropped:
+        unseen = [lb.name for lb in taxonomy.labels if lb.unseen]
+        say(f"open-vocabulary protocol: {len(unseen)} unseen label(s) dropped from the training annotations "
+            f"(scored zero-shot through the text tower): {', '.join(unseen)}")
     ensure_ray()
     decoded = _decode(cfg, ann, taxonomy, image_size)
     for split in ("train", "val"):
@@ -203,13 +217,14 @@ def _prepare(cfg: TrainConfig) -> _Run:
         name=cfg.run_name or time.strftime("mumic-%Y%m%d-%H%M%S", time.gmtime()),
         workdir=workdir,
         storage_path=cfg.storage_path or os.path.join(workdir, "ray_results"),
-        tracking_uri=cfg.tracking_uri or tracking.tracking_uri(workdir),
+        tracking_uri=tracking_uri,
         taxonomy=taxonomy,
         ann=ann,
         decoded=decoded,
         image_size=image_size,
         train_labels=train_ann.label_matrix(),
         train_mask=train_ann.known_mask(),
+        init=init,
     )
 
 
@@ -243,6 +258,7 @@ def _fit(run: _Run):
         image_size=run.image_size,
         cpus_per_worker=cpus,
         steps_per_epoch=steps_per_epoch,
+        **({"init_uri": run.init.uri, "init_name": run.init.name, "init_version": run.init.version} if run.init else {}),
     )
     class_weights = None
     if cfg.loss_weighting == "class_frequency":
@@ -260,8 +276,9 @@ def _fit(run: _Run):
         run_name=run.name,
         storage_path=run.storage_path,
         cpus_per_worker=cpus,
-        callbacks=[tracking.EpochLogger(run.tracking_uri, run.run_id, cfg.epochs)],
+        callbacks=[tracking.EpochLogger(run.tracking_uri, run.run_id, len(cfg.stages()))],
         class_weights=class_weights,
+        init_uri=run.init.uri if run.init else None,
     )
     try:
         return trainer.fit()
@@ -384,6 +401,32 @@ def _one_line(e: BaseException) -> str:
     if causes:
         return f"{lines[0].rstrip(':')}: {causes[-1]}" if lines[0] != causes[-1] else causes[-1]
     return lines[0] if lines else type(e).__name__
+
+
+def _resolve_init(ref: str, uri: str, workdir: str, taxonomy: Taxonomy) -> ModelRef:
+    """`--init` as a model folder the workers read (a `runs:/` artifact is downloaded under the workdir)."""
+    if ref.startswith("runs:/"):
+        import mlflow  # only this path needs MLflow's artifact download
+
+        target = os.path.join(workdir, "init_models", re.sub(r"[^\w.-]+", "_", ref.removeprefix("runs:/")))
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=target, tracking_uri=uri)
+        mref = ModelRef(ref, local, f"run:{ref.split('/')[1]}", resolve_model(local).version)
+    else:
+        mref = resolve_model(ref, tracking_uri=uri)
+    old = checkpoint.read_config(mref.uri)["taxonomy"]
+    old_names = set(Taxonomy.from_dict(old).names)
+    added = sum(n not in old_names for n in taxonomy.names)
+    say(f"warm start from {storage.redact(ref)} ({mref.name} version {mref.version}): {added} new label(s), "
+        f"{len(old_names - set(taxonomy.names))} dropped")
+    return mref
+
+
+def _check_init_head(cfg: TrainConfig, init: ModelRef) -> None:
+    """The run's head is --init's (its weights fit no other head): a mismatch is one line, not a run that
+    logs one head and trains another."""
+    saved = checkpoint.read_config(init.uri)["model"].get("head", "mumic")
+    if saved != cfg.head:
+        raise TrainError(f"--init {init.name} version {init.version} has head {saved!r}: train it with --head {saved}")
 
 
 def _image_size(backbone: str) -> int:

@@ -1,14 +1,16 @@
 """The function every Ray Train worker runs: DDP over gloo on CPU, NCCL on GPU.
 
-    model → [resume from checkpoint] → per epoch: train steps on its shard → validate (sharded, gathered)
-          → tune thresholds → checkpoint (rank 0) → ray.train.report
+    model → the head's loss per stage → [resume from checkpoint] → per epoch: [a new stage: its optimizer,
+          a new DDP] → train steps on its shard → validate (sharded, gathered) → tune thresholds
+          → checkpoint (rank 0) → ray.train.report
 
-The optimisation itself is `mumic_core.training` (make_optimizer, lr_factor, train_step), the same code
-the plain single-process loop runs.
+The optimisation itself is `mumic_core.training` (make_optimizer, make_objective, lr_factor, train_step),
+the same code the plain single-process loop runs; what trains and how is the head's (mumic_core.heads).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -23,15 +25,17 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from mumic_core import metrics
+from mumic_core import checkpoint, metrics
+from mumic_core.heads import Objective
 from mumic_core.model import MuMIC
 from mumic_core.scoring import Scorer
 from mumic_core.taxonomy import Taxonomy
-from mumic_core.training import lr_factor, make_optimizer, set_lr, train_step
+from mumic_core.training import lr_factor, make_objective, make_optimizer, set_lr, train_step
+from mumic_core.warmstart import warm_start
 
 from ..progress import Progress
 from .config import TrainConfig
-from .state import load_state, save_state
+from .state import STATE, load_state, save_state
 
 
 def _owner(image_id: str, world: int) -> int:
@@ -68,6 +72,25 @@ def _validate(model: MuMIC, shard, rank: int, world: int, batch_size: int, group
     return tuple(a[order] for a in part)
 
 
+def _epochs_done(folder: str) -> int:
+    """How many epochs a training checkpoint holds (its train state), before restoring anything."""
+    with open(os.path.join(folder, STATE)) as f:
+        return int(json.load(f)["epoch"])
+
+
+def _distributed(model: MuMIC, cfg: TrainConfig) -> torch.nn.Module:
+    """The model under DDP (for more than one worker). DDP broadcasts rank 0's weights here; buffers
+    (thresholds) never change in training: no per-step sync."""
+    return ray.train.torch.prepare_model(
+        model,
+        move_to_device=False,
+        parallel_strategy_kwargs={
+            "find_unused_parameters": cfg.find_unused_parameters,
+            "broadcast_buffers": False,
+        },
+    )
+
+
 def _maybe_fault(fault: dict | None, rank: int, epoch: int, step_in_epoch: int) -> None:
     """Test hook: the chosen rank dies (no cleanup, like a lost node) once, mid-epoch."""
     if not fault or rank != int(fault.get("rank", 1)) or epoch + 1 != int(fault.get("epoch", 2)):
@@ -83,8 +106,9 @@ def _maybe_fault(fault: dict | None, rank: int, epoch: int, step_in_epoch: int) 
 def train_loop_per_worker(config: dict) -> dict | None:
     """The function every Ray Train worker runs (DDP over gloo on CPU, NCCL on GPU)."""
     worker = _Worker.start(config)
-    for epoch in range(worker.state["epoch"], worker.cfg.epochs):
+    for epoch in range(worker.state["epoch"], len(worker.stages)):
         t0 = time.perf_counter()
+        worker.enter_stage(worker.stages[epoch])
         loss, n_samples = worker.train_epoch(epoch)
         worker.validate_and_report(epoch, loss, n_samples, t0)
     return {"history": worker.state["history"]} if worker.rank == 0 else None
@@ -92,7 +116,7 @@ def train_loop_per_worker(config: dict) -> dict | None:
 
 @dataclass
 class _Worker:
-    """One rank's model, optimizer, data shards and progress (`state`: epoch, step, history)."""
+    """One rank's model, optimizer, data shards and progress (`state`: epoch, step, stage_step, history)."""
 
     cfg: TrainConfig
     rank: int
@@ -104,7 +128,10 @@ class _Worker:
     state: dict
     class_weights: torch.Tensor | None
     group: Any  # the process group validation results are gathered over
-    total_steps: int
+    steps_per_epoch: int
+    stages: list[int]  # the head's training stage of every epoch (TrainConfig.stages)
+    objectives: dict[int, Objective]  # the head's loss per stage, built before any weight changed
+    loss_parts: dict[str, float]  # this epoch's sums of the objective's terms (× samples)
 
     @classmethod
     def start(cls, config: dict) -> _Worker:
@@ -114,25 +141,29 @@ class _Worker:
         torch.set_num_threads(int(config["threads"]))
         device = ray.train.torch.get_device()
         torch.manual_seed(cfg.seed)
-        model = MuMIC.create(Taxonomy.from_dict(config["taxonomy"]), **cfg.model_options()).to(device)
-        optimizer = make_optimizer(model, cfg.optim())
-        state: dict = {"epoch": 0, "step": 0, "history": []}
+        taxonomy = Taxonomy.from_dict(config["taxonomy"])
+        if config.get("init_uri"):  # --init: the saved model's backbone and weights, this run's labels
+            model = warm_start(checkpoint.load(config["init_uri"]), taxonomy, cfg.model_options())[0].to(device)
+        else:
+            model = MuMIC.create(taxonomy, **cfg.model_options()).to(device)
+        weights = config.get("class_weights")
+        class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+        stages = cfg.stages()
+        # before a checkpoint is restored: MKT's stage-1 teacher is the image tower the run started from
+        objectives = {s: make_objective(model, cfg.optim(), class_weights, s) for s in dict.fromkeys(stages)}
+        state: dict = {"epoch": 0, "step": 0, "stage_step": 0, "history": []}
         resume = ray.train.get_checkpoint()
-        if resume is not None:
+        if resume is None:
+            model.begin_stage(stages[0])
+            optimizer = make_optimizer(model, cfg.optim())
+        else:
             with resume.as_directory() as folder:
+                model.begin_stage(stages[max(_epochs_done(folder) - 1, 0)])  # whose optimizer it holds
+                optimizer = make_optimizer(model, cfg.optim())
                 state = load_state(folder, model, optimizer)
+            state.setdefault("stage_step", state["step"])  # a checkpoint from before stages existed
             if rank == 0:
                 Progress("train")(f"resuming after epoch {state['epoch']} (step {state['step']})")
-        weights = config.get("class_weights")
-        # DDP broadcasts rank 0's weights here; buffers (thresholds) never change in training: no per-step sync.
-        ddp = ray.train.torch.prepare_model(
-            model,
-            move_to_device=False,
-            parallel_strategy_kwargs={
-                "find_unused_parameters": cfg.find_unused_parameters,
-                "broadcast_buffers": False,
-            },
-        )
         group = None
         if world > 1 and dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo")  # gather validation results on CPU, whatever the backend
@@ -142,20 +173,38 @@ class _Worker:
             world=world,
             device=device,
             model=model,
-            ddp=ddp,
+            ddp=_distributed(model, cfg),
             optimizer=optimizer,
             state=state,
-            class_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+            class_weights=class_weights,
             group=group,
-            total_steps=int(config["steps_per_epoch"]) * cfg.epochs,
+            steps_per_epoch=int(config["steps_per_epoch"]),
+            stages=stages,
+            objectives=objectives,
+            loss_parts={},
         )
+
+    def enter_stage(self, stage: int) -> None:
+        """From one stage to the next: other parameters train, so a new optimizer and a new DDP wrapper
+        (DDP syncs the parameters that required grad when it was built)."""
+        if stage == self.model.stage:
+            return
+        self.model.begin_stage(stage)
+        self.optimizer = make_optimizer(self.model, self.cfg.optim())
+        del self.ddp  # its reducer's hooks go with it
+        self.ddp = _distributed(self.model, self.cfg)
+        self.state["stage_step"] = 0
+        if self.rank == 0:
+            Progress("train")(f"stage {stage} of head {self.cfg.head}")
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
         """One pass over this rank's shard; (mean loss, samples)."""
         cfg, optim_cfg = self.cfg, self.cfg.optim()
         on_gpu = self.device.type == "cuda"
+        objective = self.objectives[self.model.stage]
+        stage_steps = self.steps_per_epoch * self.stages.count(self.model.stage)
         self.model.train()
-        loss_sum, n_samples = 0.0, 0
+        loss_sum, n_samples, self.loss_parts = 0.0, 0, {}
         batches = ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=cfg.batch_size,
             local_shuffle_buffer_size=4 * cfg.batch_size,
@@ -163,7 +212,7 @@ class _Worker:
         )
         for i, batch in enumerate(batches):
             _maybe_fault(cfg.fault, self.rank, epoch, i)
-            set_lr(self.optimizer, lr_factor(self.state["step"], self.total_steps, cfg.warmup_steps))
+            set_lr(self.optimizer, lr_factor(self.state["stage_step"], stage_steps, cfg.warmup_steps))
             loss = train_step(
                 self.ddp,
                 self.optimizer,
@@ -173,10 +222,15 @@ class _Worker:
                 optim_cfg,
                 self.class_weights,
                 "cuda" if on_gpu else None,
+                objective,
             )
-            loss_sum += loss * len(batch["image"])
-            n_samples += len(batch["image"])
+            n = len(batch["image"])
+            loss_sum += loss * n
+            n_samples += n
+            for k, v in objective.parts.items():
+                self.loss_parts[k] = self.loss_parts.get(k, 0.0) + v * n
             self.state["step"] += 1
+            self.state["stage_step"] += 1
         return loss_sum / max(n_samples, 1), n_samples
 
     def validate_and_report(self, epoch: int, loss: float, n_samples: int, t0: float) -> None:
@@ -198,7 +252,9 @@ class _Worker:
             "train_samples": n_samples * self.world,
             "train_seconds": train_seconds,
             "samples_per_s": n_samples * self.world / max(train_seconds, 1e-9),
-            "tau": self.model.tau,
+            "stage": self.model.stage,
+            **{f"loss_{k}": v / max(n_samples, 1) for k, v in self.loss_parts.items()},  # rank 0's shard
+            **self.model.head.summary(),  # tau, bias where the head has them
             **{f"val_{k}": float(v) for k, v in full.items() if k != "per_class_ap"},
             "val_per_class_ap": full["per_class_ap"],
         }
