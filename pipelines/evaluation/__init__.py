@@ -3,10 +3,11 @@ of a split), `artifacts` (tables and charts for MLflow) and `evaluate` (the `mum
 
 from .artifacts import write_artifacts
 from .evaluate import EvaluationResult, evaluate
-from .report import Report, confused_pairs, report
+from .report import OPEN_VOCABULARY, Report, confused_pairs, report
 from .scoring import BatchScorer, Scored, score_dataset
 
 __all__ = [
+    "OPEN_VOCABULARY",
     "BatchScorer",
     "EvaluationResult",
     "Report",

@@ -16,6 +16,10 @@ from mumic_core.taxonomy import Taxonomy
 
 from .scoring import Scored
 
+# What a report prints beside HEADLINE when the split has unseen positives (methods.md §4): ZSL ranks the
+# unseen labels over the images that have one, GZSL every label over every image.
+OPEN_VOCABULARY = tuple(f"{p}_{k}" for p in ("zsl", "gzsl") for k in ("map", "f1_at_3", "f1_at_5"))
+
 
 @dataclass
 class Report:
@@ -29,8 +33,7 @@ class Report:
 
     def headline(self) -> str:
         parts = [f"{k} {self.metrics.get(k, math.nan):.4f}" for k in HEADLINE]
-        if "zsl_map" in self.metrics:
-            parts += [f"zsl_map {self.metrics['zsl_map']:.4f}", f"gzsl_map {self.metrics['gzsl_map']:.4f}"]
+        parts += [f"{k} {self.metrics[k]:.4f}" for k in OPEN_VOCABULARY if k in self.metrics]
         return f"{self.split}: " + "  ".join(parts) + f"  ({int(self.metrics.get('n_images', 0))} images)"
 
 
