@@ -35,6 +35,11 @@ class EvaluateArgs:
     workdir: str | None = Field(None, description=WORKDIR_HELP)
     use_gpu: bool = Field(False, description="score on a GPU")
     batch_size: int = Field(64, ge=1, description="images per model call")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="number format of the image tower: fp32, bf16 (autocast) or int8 (dynamic quantisation, "
+        "CPU only); the head stays fp32. auto: bf16 on a GPU, fp32 on a CPU",
+    )
     json: bool = json_field("the metrics")
 
 
@@ -60,6 +65,7 @@ def run(args: EvaluateArgs) -> int:
             workdir=args.workdir,
             use_gpu=args.use_gpu,
             batch_size=args.batch_size,
+            precision=args.precision,
         )
     except AnnotationError as e:
         raise UserError(str(e)) from None
@@ -70,6 +76,7 @@ def run(args: EvaluateArgs) -> int:
                 {
                     "model": f"{res.model_name}/{res.model_version}",
                     "split": rep.split,
+                    "precision": args.precision,
                     "metrics": rep.metrics,
                     "per_class_ap": rep.per_class_ap,
                     "mlflow_run_id": res.run_id,

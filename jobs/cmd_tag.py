@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
@@ -28,6 +29,11 @@ class TagArgs:
     )
     top_k: int = Field(5, ge=0, description="also show the k best labels")
     json: bool = json_field("one object per image")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto",
+        description="number format of the image tower: fp32, bf16 (autocast) or int8 (dynamic quantisation, "
+        "CPU only); the head stays fp32. auto: bf16 on a GPU, fp32 on a CPU",
+    )
     max_pixels: int | None = Field(None, ge=1, description="refuse larger images (decompression bombs)")
     allow_root: list[str] = Field(
         default_factory=list,
@@ -52,7 +58,7 @@ def run(args: TagArgs) -> int:
         labels = [s.strip() for s in args.labels.split(",") if s.strip()]
         if not labels:
             raise UserError("--labels needs at least one non-empty label", EXIT_USAGE)
-    scorer, mref = load_scorer(args.model)
+    scorer, mref = load_scorer(args.model, precision=args.precision)
     max_pixels = args.max_pixels or images.DEFAULT_MAX_PIXELS
     refs, pixels = [], []
     uris = [storage.resolve(ref) for ref in args.images]

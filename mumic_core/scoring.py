@@ -7,7 +7,6 @@ No Ray, no MLflow: a Scorer wraps a `MuMIC` model on one device.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from . import checkpoint
+from . import precision as precision_rule
 from .images import DEFAULT_MAX_PIXELS, load_for_model
 from .model import ModelError, MuMIC
 
@@ -67,7 +67,7 @@ class Scores:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return precision_rule.resolve_device(None)
 
 
 class Scorer:
@@ -77,21 +77,31 @@ class Scorer:
     training (validation) must stay usable by autograd in the next step.
     """
 
-    def __init__(self, model: MuMIC, device: str | torch.device | None = None):
-        self.device = torch.device(device) if device is not None else default_device()
+    def __init__(
+        self, model: MuMIC, device: str | torch.device | None = None, precision: str | None = "auto"
+    ):
+        """`precision` follows `mumic_core.precision` (auto: bf16 image tower on a GPU, fp32 on a CPU);
+        int8 quantises the model's image tower in place, so pass it only for a model this Scorer owns."""
+        self.device = precision_rule.resolve_device(device)  # cuda asked for but unusable: DeviceError
+        self.precision = precision_rule.resolve(precision, self.device)
         self.model = model.to(self.device).eval()
         with torch.no_grad():
-            self.model.class_embeddings()  # the cached [C, D] text side, built once before the first batch
+            self.model.class_embeddings()  # the cached [C, D] text side, built once (fp32) before quantising
+        precision_rule.prepare(self.model, self.precision)
 
     @classmethod
     def load(
-        cls, uri: str | Path, device: str | torch.device | None = None, num_threads: int | None = None
+        cls,
+        uri: str | Path,
+        device: str | torch.device | None = None,
+        num_threads: int | None = None,
+        precision: str | None = "auto",
     ) -> Scorer:
         """A saved model folder (local or s3://) on `device` (default: cuda when available)."""
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = torch.device(device) if device is not None else default_device()
-        return cls(checkpoint.load(uri, map_location=device), device)
+        device = precision_rule.resolve_device(device)  # before reading weights: fail fast, in one line
+        return cls(checkpoint.load(uri, map_location=device), device, precision)
 
     # ---- what the model expects and gives ----
     @property
@@ -119,10 +129,8 @@ class Scorer:
         return load_for_model(data, self.image_size, max_pixels, self.resize_mode)
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        """The image tower in this Scorer's precision; the head after it in fp32 (`mumic_core.precision`)."""
+        return precision_rule.image_tower_autocast(self.model, self.precision, self.device)
 
     # ---- scoring ----
     def predict(

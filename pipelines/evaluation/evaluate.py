@@ -39,6 +39,7 @@ def evaluate(
     workdir: str | None = None,
     use_gpu: bool = False,
     batch_size: int = 64,
+    precision: str = "auto",
 ) -> EvaluationResult:
     """Score one split ('all' for every row) of an annotations file with a model reference and report
     mAP, GAP, GAP@10, F1@3/5, per-class AP, and ZSL/GZSL when the taxonomy has unseen labels (their
@@ -60,7 +61,7 @@ def evaluate(
     ds = None
     for s in decoded.datasets:
         ds = decoded.eval(s) if ds is None else ds.union(decoded.eval(s))
-    scored = score_dataset(ds, mref.uri, use_gpu=use_gpu, batch_size=batch_size)
+    scored = score_dataset(ds, mref.uri, use_gpu=use_gpu, batch_size=batch_size, precision=precision)
     rep = report(scored, taxonomy, split)
     run_id = None
     if experiment:
@@ -70,6 +71,7 @@ def evaluate(
             "model_version": mref.version,
             "annotations": annotations_uri,
             "split": split,
+            "precision": precision,
             "n_unreadable": decoded.n_errors,
         }
         thresholds = np.asarray(cfg["thresholds"], dtype=np.float32)

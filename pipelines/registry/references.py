@@ -48,12 +48,12 @@ def resolve_model(ref: str, tracking_uri: str | None = None, cache_dir: str | No
 
 
 def load_scorer(
-    ref: str | ModelRef, device: str | None = None, tracking_uri: str | None = None
+    ref: str | ModelRef, device: str | None = None, tracking_uri: str | None = None, precision: str = "auto"
 ) -> tuple[Scorer, ModelRef]:
     """A reference's model, ready to score (`mumic_core.scoring.Scorer`), and what it resolved to."""
     mref = ref if isinstance(ref, ModelRef) else resolve_model(ref, tracking_uri)
     try:
-        return Scorer.load(mref.uri, device=device), mref
+        return Scorer.load(mref.uri, device=device, precision=precision), mref
     except ModelError:
         raise
     except Exception as e:  # a corrupt or partial folder: say which, in one line

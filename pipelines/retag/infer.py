@@ -36,12 +36,20 @@ class Predictor:
         top_k: int = 10,
         device: str | None = None,
         num_threads: int | None = None,
+        precision: str = "auto",
     ):
-        self.scorer = Scorer.load(model_uri, device=device, num_threads=num_threads)
+        """`device` comes from the plan ("cuda" for an actor that reserved a GPU, else "cpu"); a GPU actor
+        whose torch cannot use CUDA fails here (DeviceError) rather than run on one CPU thread."""
+        self.scorer = Scorer.load(model_uri, device=device, num_threads=num_threads, precision=precision)
         self.top_k = int(top_k)
         self.label_names = pa.array(self.scorer.names, pa.string())
         self.num_labels = len(self.label_names)
         self.embed_dim = self.scorer.embed_dim
+        # one image through the model now, while the first batches are still being fetched and decoded:
+        # the first call's one-off costs (kernel selection, allocator, quantised weight packing) leave the
+        # first output's path
+        size = self.scorer.image_size
+        self.scorer.predict(np.zeros((1, 3, size, size), np.uint8))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok, pixels = pixels_of(batch, self.scorer.image_size)

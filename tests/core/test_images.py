@@ -542,8 +542,8 @@ def test_load_for_model_decodes_a_large_jpeg_at_reduced_scale_and_stays_close(mo
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
     data = with_orientation(patches(2400, 1600), "JPEG", 6, quality=92)  # seen as 1600x2400
     fast = load_for_model(data, size)
-    # libjpeg decoded at 1/2 scale: 1200x800 still holds 2x the resize (224x336 or 256x384, seen upright)
-    assert drafted == [(1200, 800)]
+    # libjpeg decoded at 1/4 scale: 600x400 still holds the resize (224x336 or 256x384, seen upright)
+    assert drafted == [(600, 400)]
     slow = preprocess(decode(data), size)
     assert fast.shape == slow.shape == (3, *shape)
     assert mean_abs_diff(fast, slow) < 6

@@ -401,6 +401,7 @@ def test_rayjob_entrypoint_is_a_real_mumic_command_line(name):
         assert args.run_id == f"nightly-{RUN_DATE}", "one run id per night: a re-run resumes it"
         assert re.match(RUN_ID_PATTERN, args.run_id)
         assert gpu_workers(job["spec"]["rayClusterSpec"]) >= 1
+        assert args.gpus == gpu_workers(job["spec"]["rayClusterSpec"]), "one inference actor per GPU worker"
     else:
         assert args.use_gpu is True
         assert args.workers == gpu_workers(job["spec"]["rayClusterSpec"]), (
