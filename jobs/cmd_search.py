@@ -1,4 +1,5 @@
-"""`mumic search`: text-to-image search over the embeddings of a committed run (the latest by default)."""
+"""`mumic search`: text-to-image search over the embeddings of `current` (through the model's index while it
+is up to date, else a scan of every embedding) or of one committed run's rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pydantic.dataclasses import dataclass
 from jobs.options import json_field, model_field, output_field
 
 NAME = "search"
-HELP = "rank the latest run's images by similarity to a text"
+HELP = "rank the images of `current` (or of one run) by similarity to a text, through the search index"
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class SearchArgs:
     text: str = Field(description="what to look for, e.g. 'red'")
     k: int = Field(20, ge=1, description="how many images")
     run_id: str | None = Field(None, description="search this committed run's rows (history) instead of `current`")
+    exact: bool = Field(False, description="scan every embedding (brute force) instead of using the search index")
     json: bool = json_field("one object per hit")
 
 
@@ -36,9 +38,17 @@ def run(args: SearchArgs) -> int:
     from pipelines.registry import load_scorer
 
     scorer, mref = load_scorer(args.model)
-    searched, hits = tables.search_embeddings(
-        args.output, scorer.embed_text(args.text), k=args.k, run_id=args.run_id, model=(mref.name, mref.version)
-    )
+    query, model = scorer.embed_text(args.text), (mref.name, mref.version)
+    searched = hits = None
+    if not (args.exact or args.run_id):
+        from pipelines import index  # lazily, like the rest: only a search of `current` needs it
+
+        try:
+            searched, hits = index.search_index(args.output, query, args.k, model)
+        except index.IndexUnavailable as e:
+            print(f"mumic search: {e}; scanning every embedding instead (`mumic index` builds it)", file=sys.stderr)
+    if searched is None:
+        searched, hits = tables.search_embeddings(args.output, query, k=args.k, run_id=args.run_id, model=model)
     if searched["rows_other_model"]:
         print(
             f"mumic: warning: {searched['rows_other_model']} images of {searched['source']} were embedded by "
