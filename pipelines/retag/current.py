@@ -6,7 +6,8 @@ the run into the table, with one source row per catalog row of the run, of four 
 
     tagged  an ok row of this run                 → all columns (labels from this run)
     failed  an error row of this run              → status, error, uri, last seen; earlier labels stay
-    seen    skipped: current already has these bytes' labels from this model → uri, status, last seen
+    seen    skipped: current already has these bytes' labels from this model → uri, status, last seen,
+            size / etag / mtime (a row skipped unread, as unchanged since current's row, is one)
     copied  skipped, but current has no such row (a new id for bytes tagged before, or the id's bytes
             changed back): labels copied from the row that tagged those bytes → all columns
 
@@ -34,7 +35,8 @@ from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import AddAction
 
 from .. import storage
-from ..tables import CURRENT_SCHEMA, LABEL_COLUMNS, current_app_id, open_or_create, open_table
+from ..tables import CURRENT_SCHEMA, LABEL_COLUMNS, arrow_dataset, current_app_id, open_or_create, open_table
+from ..tables.schema import OBJECT_COLUMNS
 from .staging import StagedPart, file_stats, parquet_bytes
 
 KIND = "_kind"
@@ -77,14 +79,14 @@ def update_current(
         if table.transaction_version(current_app_id(run.run_id)) is not None:
             return None
         held = _held(table)
-        source = pa.concat_tables([_tagged_rows(output, run), *_skipped_rows(output, run, parts or [], held)])
+        source = pa.concat_tables([_tagged_rows(output, run, parts or []), *_skipped_rows(output, run, parts or [], held)])
         counts: Counter = Counter()
         actions = _write_files(uri, run.run_id, attempt, _merged(table, source, prune, counts))
         try:
             table.create_write_transaction(
                 actions,
                 mode="overwrite",
-                schema=table.schema(),
+                schema=_evolved(table),
                 partition_by=[],
                 commit_properties=CommitProperties(
                     app_transactions=[Transaction(current_app_id(run.run_id), 1, int(time.time() * 1000))]
@@ -107,7 +109,7 @@ def _write_files(uri: str, run_id: str, attempt: int, batches: Iterator[pa.Recor
 
     def flush() -> None:
         nonlocal pending, rows
-        table = pa.Table.from_batches(pending, schema=CURRENT_SCHEMA)
+        table = pa.Table.from_batches([_conformed(b) for b in pending], schema=CURRENT_SCHEMA)
         name = f"part-{run_id}-{attempt}-{len(actions):05d}.parquet"
         data = parquet_bytes(table)
         storage.write_bytes(storage.join(uri, name), data)
@@ -124,9 +126,31 @@ def _write_files(uri: str, run_id: str, attempt: int, batches: Iterator[pa.Recor
     return actions
 
 
+def _evolved(table):
+    """The table's schema, or today's when the table was written before a column existed: the overwrite
+    adds it (readers of older versions never see it)."""
+    schema = table.schema()
+    return schema if set(CURRENT_SCHEMA.names).issubset(schema.to_arrow().names) else CURRENT_SCHEMA
+
+
+def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
+    """A column of a table batch as today's type; null when the table was written before it existed."""
+    field = CURRENT_SCHEMA.field(name)
+    if name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, field.type)
+    return batch.column(name).cast(field.type)
+
+
+def _conformed(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """A batch with today's columns (rows built before a column existed get it null)."""
+    if batch.schema == CURRENT_SCHEMA:
+        return batch
+    return pa.RecordBatch.from_arrays([_column(batch, n) for n in CURRENT_SCHEMA.names], schema=CURRENT_SCHEMA)
+
+
 def _held(table) -> pa.Table:
     """(image_id, content_sha256, model_name, model_version) of the rows with labels: who holds what."""
-    return table.to_pyarrow_dataset().to_table(
+    return arrow_dataset(table).to_table(
         columns=["image_id", "content_sha256", "model_name", "model_version"],
         filter=pds.field("labels").is_valid(),
     )
@@ -136,7 +160,7 @@ def _merged(table, source: pa.Table, prune: bool, counts: Counter) -> Iterator[p
     """The table's rows with the source applied, batch by batch, then the source's new ids."""
     position = {image_id: i for i, image_id in enumerate(source.column("image_id").to_pylist())}
     matched = np.zeros(source.num_rows, bool)
-    batches = table.to_pyarrow_dataset().to_batches()
+    batches = arrow_dataset(table).to_batches()
     for batch in batches:
         pos = [position.get(i) for i in batch.column("image_id").to_pylist()]
         hit = np.array([p is not None for p in pos], bool)
@@ -156,19 +180,20 @@ def _merged(table, source: pa.Table, prune: bool, counts: Counter) -> Iterator[p
 def _apply(batch: pa.RecordBatch, source: pa.Table, pos: pa.Array, hit: np.ndarray, counts: Counter) -> pa.RecordBatch:
     """A batch of the table with its rows that the source names updated (whole, or the partial columns)."""
     if not hit.any():
-        return pa.RecordBatch.from_arrays([batch.column(n) for n in CURRENT_SCHEMA.names], schema=CURRENT_SCHEMA)
+        return pa.RecordBatch.from_arrays([_column(batch, n) for n in CURRENT_SCHEMA.names], schema=CURRENT_SCHEMA)
     taken = source.take(pc.fill_null(pos, 0))
     kind = taken.column(KIND).to_numpy(zero_copy_only=False)
     old, new = batch.column("tags_version"), taken.column("tags_version")
     newer = pc.fill_null(pc.or_(pc.is_null(old), pc.greater_equal(new, old)), False).to_numpy(zero_copy_only=False)
     full = hit & np.isin(kind, ["tagged", "copied"]) & newer
     partial = full | (hit & np.isin(kind, ["failed", "seen"]))
+    listed = full | (hit & (kind == "seen"))  # a failed row keeps what was listed with its last good bytes
     counts["updated"] += int(full.sum())
     counts["seen_or_failed"] += int((partial & ~full).sum())
     columns = []
     for name in CURRENT_SCHEMA.names:
-        mask = pa.array(partial if name in _PARTIAL_UPDATES else full)
-        columns.append(pc.if_else(mask, taken.column(name), batch.column(name).cast(CURRENT_SCHEMA.field(name).type)))
+        mask = pa.array(partial if name in _PARTIAL_UPDATES else listed if name in OBJECT_COLUMNS else full)
+        columns.append(pc.if_else(mask, taken.column(name), _column(batch, name)))
     return pa.RecordBatch.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in columns], schema=CURRENT_SCHEMA)
 
 
@@ -195,15 +220,22 @@ def _shape(rows: pa.Table, kind: str, run: RunFacts) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=SOURCE_SCHEMA)
 
 
-def _tagged_rows(output: str, run: RunFacts) -> pa.Table:
-    """The run's own rows of `tags` (ok → tagged, error → failed)."""
+def _tagged_rows(output: str, run: RunFacts, parts: list[StagedPart]) -> pa.Table:
+    """The run's own rows of `tags` (ok → tagged, with what the catalog said of their objects; error →
+    failed)."""
     tags = open_table(storage.join(output, "tags"))
-    rows = tags.to_pyarrow_dataset().to_table(
+    rows = arrow_dataset(tags).to_table(
         columns=[c for c in CURRENT_SCHEMA.names if c in tags.schema().to_arrow().names],
         filter=(pds.field("run_date") == run.run_date) & (pds.field("run_id") == run.run_id),
     )
     ok = pc.fill_null(pc.equal(rows.column("status"), "ok"), False)
     tagged = rows.filter(ok).append_column("tags_version", _constant(int(pc.sum(ok).as_py() or 0), run.tags_version, pa.int64()))
+    objects = [pq.read_table(path, filesystem=fs) for fs, path in (storage.filesystem(p.objects_file) for p in parts if p.objects_file)]
+    if objects:  # looked up, not joined: Arrow's join takes no list columns (labels, embedding)
+        objects = pa.concat_tables(objects)
+        at = pc.index_in(tagged.column("image_id"), value_set=objects.column("image_id").combine_chunks())
+        for name in OBJECT_COLUMNS:
+            tagged = tagged.append_column(name, objects.column(name).take(at))
     failed = rows.filter(pc.invert(ok)).select(["image_id", "uri", "status", "error"])
     return pa.concat_tables([_shape(tagged, "tagged", run), _shape(failed, "failed", run)])
 
@@ -222,17 +254,22 @@ def _skipped_rows(output: str, run: RunFacts, parts: list[StagedPart], known: pa
     if not chunks:
         return []
     skipped = pa.concat_tables(chunks, promote_options="permissive")
-    if "uri" not in skipped.column_names:  # staged by an older version
-        skipped = skipped.append_column("uri", pa.nulls(skipped.num_rows, pa.string()))
+    for name in ("uri", *OBJECT_COLUMNS):  # staged by an older version
+        if name not in skipped.column_names:
+            skipped = skipped.append_column(name, pa.nulls(skipped.num_rows, CURRENT_SCHEMA.field(name).type))
     mine = known.filter(
         (pc.field("model_name") == run.model_name) & (pc.field("model_version") == run.model_version)
     )
     joined = skipped.join(mine.select(["image_id", "content_sha256"]).rename_columns(["image_id", "held"]), "image_id")
+    # a row skipped unread has no hash of its own: it is unchanged since the row current holds
+    hashes = pc.coalesce(joined.column("content_sha256"), joined.column("held"))
+    joined = joined.set_column(joined.schema.get_field_index("content_sha256"), "content_sha256", hashes)
     is_seen = pc.fill_null(pc.equal(joined.column("held"), joined.column("content_sha256")), False)
-    seen = joined.filter(is_seen).select(["image_id", "uri"])
+    seen = joined.filter(is_seen).select(["image_id", "uri", *OBJECT_COLUMNS])
     seen = seen.append_column("status", _constant(seen.num_rows, "ok", pa.string()))
     out = [_shape(seen, "seen", run)]
-    need = joined.filter(pc.invert(is_seen)).select(["image_id", "uri", "content_sha256"])
+    need = joined.filter(pc.and_(pc.invert(is_seen), pc.is_valid(joined.column("content_sha256"))))
+    need = need.select(["image_id", "uri", "content_sha256", *OBJECT_COLUMNS])
     if need.num_rows:
         labels = _labels_by_content(output, run, pc.unique(need.column("content_sha256")))
         by_digest = {d: i for i, d in enumerate(labels.column("content_sha256").to_pylist())}
@@ -256,12 +293,12 @@ def _labels_by_content(output: str, run: RunFacts, digests: pa.Array) -> pa.Tabl
         & (pds.field("model_version") == run.model_version)
     )
     current = open_table(storage.join(output, "current"))
-    found = current.to_pyarrow_dataset().to_table(columns=wanted, filter=condition & pds.field("labels").is_valid())
+    found = arrow_dataset(current).to_table(columns=wanted, filter=condition & pds.field("labels").is_valid())
     missing = pc.invert(pc.is_in(digests, value_set=found.column("content_sha256")))
     rest = digests.filter(missing)
     if len(rest):
         tags = open_table(storage.join(output, "tags"))
-        history = tags.to_pyarrow_dataset().to_table(
+        history = arrow_dataset(tags).to_table(
             columns=[c for c in wanted if c != "tags_version"],
             filter=pds.field("content_sha256").isin(rest.to_pylist()) & (pds.field("status") == "ok")
             & (pds.field("model_name") == run.model_name) & (pds.field("model_version") == run.model_version),

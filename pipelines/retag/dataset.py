@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+import re
+from typing import TYPE_CHECKING
 
 import ray
 from ray.data.block import BlockMetadata
@@ -12,9 +14,15 @@ from ray.data.datasource import Datasource, ReadTask
 from .. import storage
 from . import catalog as catalog_mod
 from . import decode, fetch
-from .infer import Predictor
-from .options import RetagOptions
-from .plan import Plan
+from .options import RetagError, RetagOptions
+
+if TYPE_CHECKING:
+    # a type only: plan.py imports torch, which the read tasks that import this module must not
+    from .plan import Plan
+
+# The line a creation-task traceback ends with for our own typed errors (DeviceError, ModelError, ...).
+_RAISED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<kind>\w*Error): (?P<message>.+)$", re.MULTILINE)
+_OURS = ("DeviceError", "ModelError", "ImageError", "StorageError")
 
 
 class SnapshotDatasource(Datasource):
@@ -27,6 +35,7 @@ class SnapshotDatasource(Datasource):
     def __init__(self, files: list[str], block_rows: int):
         super().__init__()
         self.groups = catalog_mod.row_groups(files)
+        self.schema = catalog_mod.snapshot_schema(files)  # the catalog's columns, and `expect` when split
         self.block_rows = block_rows
 
     def estimate_inmemory_data_size(self) -> int:
@@ -37,7 +46,7 @@ class SnapshotDatasource(Datasource):
             ReadTask(
                 functools.partial(catalog_mod.read_row_group, file, index, self.block_rows),
                 BlockMetadata(num_rows=rows, size_bytes=rows * 120, exec_stats=None, input_files=None),
-                schema=catalog_mod.CATALOG_SCHEMA,
+                schema=self.schema,
             )
             for file, index, rows in self.groups
         ]
@@ -54,6 +63,10 @@ def build_dataset(
     roots: tuple[str, ...] | None,
 ):
     """The Ray Data pipeline over a catalog snapshot; yields tag rows as pyarrow tables."""
+    # lazily, where it is needed: the read tasks unpickle SnapshotDatasource from this module, and at
+    # module level this import would make each of them load torch and open_clip before reading a row
+    from .infer import Predictor
+
     prep = config["preprocessing"]
     image_size = int(prep["image_size"])
     blocks = max(1, math.ceil(num_rows / opts.batch_size))
@@ -81,7 +94,7 @@ def build_dataset(
         },
         num_cpus=plan.io_cpus,
         # bounded: at most fetch_concurrency * fetch_threads requests in flight against the object store
-        compute=ray.data.TaskPoolStrategy(size=min(blocks, opts.fetch_concurrency or max(2, plan.actors))),
+        compute=ray.data.TaskPoolStrategy(size=min(blocks, plan.fetch_tasks)),
     )
     ds = ds.map_batches(
         decode.decode_batch,
@@ -95,16 +108,39 @@ def build_dataset(
         },
         num_cpus=plan.decode_cpus,
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         Predictor,
         batch_format="pyarrow",
         batch_size=opts.batch_size,
         fn_constructor_kwargs={
             "model_uri": model_uri,
             "top_k": opts.top_k,
+            "device": plan.device,
             "num_threads": plan.torch_threads,
+            "precision": plan.precision,
         },
         compute=ray.data.ActorPoolStrategy(size=min(plan.actors, blocks)),  # no idle actors on small runs
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus or None,
     )
+    if plan.uses_gpu:
+        # Ray Data waits forever by default for actors it cannot place (no GPU node ever joins); this
+        # dataset's own copy of the context, so nothing else in the process changes
+        ds.context.wait_for_min_actors_s = math.ceil(opts.gpu_wait_s)
+    return ds
+
+
+def startup_failure(error: BaseException, plan: Plan, opts: RetagOptions) -> RetagError | None:
+    """The pipeline's start failing for a reason a user can act on, as a one-line RetagError: GPU actors
+    not placed within --gpu-wait-s, or an inference actor whose device or model could not be set up
+    (DeviceError: a GPU reserved, CUDA unusable). None for anything else, which crashes loudly."""
+    if isinstance(error, ray.exceptions.GetTimeoutError) and plan.uses_gpu:
+        return RetagError(
+            f"{plan.actors} GPU inference actor(s) did not start within --gpu-wait-s {opts.gpu_wait_s:g}: "
+            "no node with a free GPU joined the cluster (or the model took that long to load)"
+        )
+    if isinstance(error, ray.exceptions.ActorDiedError) and error.actor_init_failed:
+        ours = [m for m in _RAISED.finditer(str(error)) if m["kind"] in _OURS]
+        if ours:
+            return RetagError(f"an inference actor failed to start: {ours[-1]['message'].strip()}")
+    return None

@@ -24,7 +24,7 @@ class KnownDigests:
 
     def __init__(self, digests: np.ndarray | None = None, presorted: bool = False):
         digests = np.zeros(0, DIGEST) if digests is None else np.asarray(digests, DIGEST)
-        self.digests = digests if presorted else np.unique(digests)  # sorted, unique
+        self.digests = digests if presorted else sorted_unique(digests)
 
     def __len__(self) -> int:
         return len(self.digests)
@@ -32,7 +32,7 @@ class KnownDigests:
     @classmethod
     def from_hex(cls, batches: Iterable[pa.Array | pa.ChunkedArray]) -> KnownDigests:
         parts = [digests_from_hex(b) for b in batches]
-        return cls(np.concatenate(parts) if parts else None)
+        return cls(_joined(parts) if parts else None)
 
     def contains(self, digests: np.ndarray) -> np.ndarray:
         """bool [N] for raw digests [N] (dtype S32)."""
@@ -41,6 +41,38 @@ class KnownDigests:
         pos = np.searchsorted(self.digests, digests)
         pos = np.minimum(pos, len(self.digests) - 1)
         return self.digests[pos] == digests
+
+
+def sorted_unique(digests: np.ndarray) -> np.ndarray:
+    """np.unique of raw digests [N] (S32), ~8x faster at 10 M: sorted by their first 8 bytes as a
+    big-endian integer (the same order as the bytes'), duplicates dropped, then the rare distinct digests
+    that share those 8 bytes put in order among themselves."""
+    if len(digests) < 2:
+        return digests.copy()
+    out = _adjacent_unique(digests[np.argsort(digests.view(">u8").reshape(-1, 4)[:, 0], kind="stable")])
+    prefix = out.view(">u8").reshape(-1, 4)[:, 0]
+    tied = np.flatnonzero(prefix[1:] == prefix[:-1])  # ~n²/2^65 of them: none, in practice
+    if len(tied) == 0:
+        return out
+    for start in tied[np.r_[True, np.diff(tied) > 1]]:
+        end = start + 1
+        while end < len(out) and prefix[end] == prefix[start]:
+            end += 1
+        out[start:end] = np.sort(out[start:end])
+    return _adjacent_unique(out)  # a tied group may have held one digest twice, apart
+
+
+def _adjacent_unique(digests: np.ndarray) -> np.ndarray:
+    keep = np.ones(len(digests), bool)
+    keep[1:] = digests[1:] != digests[:-1]
+    return digests if keep.all() else digests[keep]
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts as one array, the list emptied at once (its pieces are not kept beside the whole)."""
+    out = np.concatenate(parts)
+    parts.clear()
+    return out
 
 
 _HEX = np.full(256, 255, np.uint8)

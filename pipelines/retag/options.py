@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic.dataclasses import dataclass
@@ -17,6 +18,14 @@ from mumic_core.images import DEFAULT_MAX_PIXELS
 from ..storage import DEFAULT_MAX_BYTES
 
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+# mumic_core.precision's names, written out here so that `mumic --help` imports no torch (a test checks
+# that the two agree)
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISION_HELP = (
+    "number format of the image tower: fp32, bf16 (autocast) or int8 (dynamic quantisation, CPU only); "
+    "the head and text tower stay fp32. auto: bf16 on a GPU, fp32 on a CPU"
+)
 
 
 class RetagError(ValueError):
@@ -54,6 +63,11 @@ class RetagOptions:
         description="id of this run (default: new); reuse a crashed run's id to finish it",
     )
     full: bool = Field(False, description="re-tag every image, even those already tagged ok")
+    skip_unchanged: bool = Field(
+        True,
+        description="skip, without downloading it, an image whose size and ETag (S3) or modification time "
+        "(local) are those `current` holds from this model; off: every image is read and hashed",
+    )
     top_k: int = Field(10, ge=0, description="labels kept per image besides those above threshold")
     batch_size: int = Field(256, ge=1, description="images per model call (and per decode batch)")
     concurrency: int | None = Field(
@@ -74,7 +88,7 @@ class RetagOptions:
     )
     fetch_threads: int = Field(16, ge=1, description="concurrent reads per fetch task")
     fetch_concurrency: int | None = Field(
-        None, ge=1, description="fetch tasks at once (default: one per infer actor, at least 2)"
+        None, ge=1, description="fetch tasks at once (default: one per CPU infer actor, at least 2; 6 per GPU)"
     )
     fetch_retry_budget_s: float = Field(
         60.0, gt=0, description="seconds one image may take to read, retries of throttling included"
@@ -82,6 +96,13 @@ class RetagOptions:
     fetch_cpus: float = Field(0.25, gt=0, description="Ray CPUs per fetch task (I/O-bound: they share cores)")
     actor_cpus: float | None = Field(None, gt=0, description="Ray CPUs reserved per inference actor")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per inference actor")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    gpu_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="seconds to wait for the GPU inference actors to start (a GPU node joining an "
+        "autoscaling cluster, the model loading) before the run fails",
+    )
     rows_per_part: int = Field(
         100_000, ge=1, description="rows per staged file (the unit of resume)"
     )

@@ -27,13 +27,16 @@ from mumic_core.taxonomy import Taxonomy
 
 from .. import storage
 from ..cluster import ray_session
+from ..index import refresh_after_run
 from ..progress import Progress
 from ..registry import ModelRef, alias_version, parse_ref, resolve_model
 from ..tables import current_uri, iter_ok_hashes
+from ..tables.queries import iter_known_objects
 from . import catalog as catalog_mod
+from . import unchanged
 from .commit import commit_run, commit_version, ensure_run_row, is_committed, run_row_from_history
 from .current import RunFacts, is_merged, update_current
-from .dataset import build_dataset
+from .dataset import build_dataset, startup_failure
 from .decode import KnownDigests
 from .lease import RunLease
 from .options import CommitFailed, RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
@@ -117,7 +120,7 @@ def run_retag(
     total_s = time.perf_counter() - started
     run.say(
         f"run {run.run_id} committed: {counts['rows_ok']} ok, {counts['rows_error']} error, "
-        f"{counts['rows_skipped']} skipped in {total_s:.1f}s → {run.tags_uri}"
+        f"{counts['rows_skipped']} skipped ({counts['rows_not_fetched']} unread) in {total_s:.1f}s → {run.tags_uri}"
     )
     return {
         **run.summary(),
@@ -193,7 +196,7 @@ def _already_committed(run: Run) -> dict:
     run.say(f"run {run.run_id} is already committed; " + (f"repaired: {', '.join(fixed)}" if fixed else "nothing to do"))
     return {
         **run.summary(),
-        **{k: int((row or {}).get(k) or 0) for k in COUNTS},
+        **{k: int((row or {}).get(k) or 0) for k in (*COUNTS, "rows_not_fetched")},
         "status": "already_committed",
         "runs_row_repaired": repaired,
         "current_repaired": merged is not None,
@@ -260,19 +263,87 @@ def _check_resume(manifest: dict, want: dict, explicit_date: str | None) -> None
 
 
 def _remaining(run: Run, manifest: dict) -> tuple[list[str], int, int]:
-    """(snapshot files, rows) still to process, and the rows already staged by an earlier attempt."""
+    """(snapshot files, rows) still to process, and the rows already staged by an earlier attempt.
+
+    Rows unchanged since `current` tagged them are staged first, as skipped unread (`unchanged`); what is
+    left for the pipeline is recorded in the manifest (`todo`), so a resume leaves out only what the
+    pipeline staged since, not the whole catalog's staged ids."""
     parts = run.staging.parts()
     rows_resumed = sum(p.rows for p in parts)
-    files, todo = manifest["catalog_files"], manifest["catalog_rows"] - rows_resumed
-    if parts and todo > 0:
-        # only the rows no part holds yet; a fresh snapshot so the pipeline reads nothing twice
-        snap = catalog_mod.write_snapshot(
-            catalog_mod.without_ids(catalog_mod.read_snapshot(files), run.staging.staged_ids(parts)),
-            run.staging.path(f"remaining-{len(parts):06d}"),
-            check_duplicates=False,
-        )
-        files, todo = list(snap.files), snap.num_rows
-    return files, todo, rows_resumed
+    todo = manifest.get("todo")
+    if todo is not None:
+        later = [p for p in parts if p.seq > todo["after_seq"]]
+        files, rows = todo["files"], todo["rows"] - sum(p.rows for p in later)
+        if later and rows > 0:
+            files, rows = _without_staged(run, files, later, f"remaining-{len(parts):06d}")
+        return files, rows, rows_resumed
+    files, rows = manifest["catalog_files"], manifest["catalog_rows"] - rows_resumed
+    if parts and rows > 0:
+        files, rows = _without_staged(run, files, parts, f"remaining-{len(parts):06d}")
+    if rows > 0 and run.opts.skip_unchanged and not run.opts.full:
+        files, rows = _split_unchanged(run, manifest, files, rows)
+    return files, rows, rows_resumed
+
+
+def _without_staged(run: Run, files: list[str], parts: list[StagedPart], name: str) -> tuple[list[str], int]:
+    """The snapshot's rows no part holds yet, as a fresh snapshot: the pipeline reads nothing twice."""
+    schema = catalog_mod.snapshot_schema(files)
+    snap = catalog_mod.write_snapshot(
+        catalog_mod.without_ids(catalog_mod.read_snapshot(files), run.staging.staged_ids(parts)),
+        run.staging.path(name),
+        check_duplicates=False,
+        schema=schema,
+    )
+    return list(snap.files), snap.num_rows
+
+
+def _split_unchanged(run: Run, manifest: dict, files: list[str], rows: int) -> tuple[list[str], int]:
+    """Stage the rows whose object is unchanged since `current` tagged it (same size and ETag / mtime,
+    ok, this model and taxonomy) as skipped, with no GET; the rest, recorded as the run's `todo`."""
+    t0 = time.perf_counter()
+    known = unchanged.KnownObjects.from_batches(
+        iter_known_objects(current_uri(run.output), run.model.name, run.model.version, manifest["taxonomy_sha256"])
+    )
+    if not len(known):
+        return files, rows
+    writer = _part_writer(run, manifest)
+
+    def stage(table) -> None:
+        for part in writer.add(table):
+            run.event("staged", {"seq": part.seq, "rows": part.rows, "unchanged": True})
+
+    snap = catalog_mod.write_snapshot(
+        unchanged.split(catalog_mod.read_snapshot(files), known, stage),
+        run.staging.path(f"todo-{writer.seq:06d}"),
+        check_duplicates=False,
+        schema=unchanged.TODO_SCHEMA,
+    )
+    part = writer.flush()
+    if part:
+        run.event("staged", {"seq": part.seq, "rows": part.rows, "unchanged": True})
+    manifest["todo"] = {"files": list(snap.files), "rows": snap.num_rows, "after_seq": writer.seq}
+    run.staging.write_manifest(manifest)  # from here a resume starts from the todo rows
+    run.say(
+        f"run {run.run_id}: {rows - snap.num_rows} of {rows} images unchanged since current tagged them "
+        f"(same size and ETag / mtime): skipped unread in {time.perf_counter() - t0:.1f}s"
+    )
+    return list(snap.files), snap.num_rows
+
+
+def _part_writer(run: Run, manifest: dict) -> PartWriter:
+    """The run's part writer, numbering after the parts already staged."""
+    return PartWriter(
+        run.staging,
+        manifest["run_date"],
+        {
+            "model_name": run.model.name,
+            "model_version": run.model.version,
+            "taxonomy_sha256": manifest["taxonomy_sha256"],
+            "run_id": run.run_id,
+        },
+        run.opts.rows_per_part,
+        first_seq=max((p.seq for p in run.staging.parts()), default=0),
+    )
 
 
 def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[int, float]:
@@ -282,22 +353,17 @@ def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[
         plan = plan_resources(ray.cluster_resources(), run.opts)
         run.say(
             f"run {run.run_id}: {todo} images → {plan.actors} infer actor(s) "
-            f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}), batch {run.opts.batch_size}"
+            f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}, {plan.precision}), "
+            f"batch {run.opts.batch_size}"
         )
         ds = build_dataset(files, todo, run.model.uri, run.config, known_ref, run.opts, plan, _allowed_roots(run))
-        writer = PartWriter(
-            run.staging,
-            manifest["run_date"],
-            {
-                "model_name": run.model.name,
-                "model_version": run.model.version,
-                "taxonomy_sha256": manifest["taxonomy_sha256"],
-                "run_id": run.run_id,
-            },
-            run.opts.rows_per_part,
-            first_seq=max((p.seq for p in run.staging.parts()), default=0),
-        )
-        return _drain(run, ds, writer, todo)
+        try:
+            return _drain(run, ds, _part_writer(run, manifest), todo)
+        except Exception as e:  # GPU actors never placed, or an actor without its device: one line
+            failure = startup_failure(e, plan, run.opts)
+            if failure is None:
+                raise
+            raise failure from None
 
 
 def _allowed_roots(run: Run) -> tuple[str, ...]:
@@ -360,6 +426,7 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
         "taxonomy": json.dumps(manifest["taxonomy"]),
         "catalog": run.catalog_label,
         **counts,
+        "rows_not_fetched": sum(p.rows_not_fetched for p in parts),  # skipped unread: unchanged objects
     }
     run.event("before_commit", {"run_id": run.run_id, **counts})
     try:
@@ -374,7 +441,7 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
             f"rerun with --run-id {run.run_id} to finish it"
         ) from e
     run.staging.cleanup()
-    return counts, version
+    return {**counts, "rows_not_fetched": run_row["rows_not_fetched"]}, version
 
 
 def _update_current(run: Run, run_date: str, tags_version: int | None, parts: list[StagedPart] | None):
@@ -393,6 +460,7 @@ def _update_current(run: Run, run_date: str, tags_version: int | None, parts: li
             f"current: {metrics.get('new', 0)} new, {metrics.get('updated', 0)} relabelled, "
             f"{metrics.get('seen_or_failed', 0)} seen or failed, {metrics.get('removed', 0)} removed"
         )
+    refresh_after_run(run.output, (run.model.name, run.model.version), run.say)  # warns, never fails the run
     return metrics
 
 
@@ -417,7 +485,8 @@ def format_summary(summary: dict) -> str:
         f"model          {summary['model_name']} version {summary['model_version']}",
         f"rows ok        {summary.get('rows_ok', 0)}",
         f"rows error     {summary.get('rows_error', 0)}",
-        f"rows skipped   {summary.get('rows_skipped', 0)}",
+        f"rows skipped   {summary.get('rows_skipped', 0)} ({summary.get('rows_not_fetched', 0)} unread: "
+        "unchanged size and ETag / mtime)",
     ]
     if summary.get("status") == "committed":
         lines += [

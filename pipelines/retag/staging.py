@@ -1,8 +1,10 @@
 """Staging: the pipeline output of a run as Parquet parts, invisible until the run commits.
 
 A part's data file is written inside the `tags` table folder (`run_date=D/part-<run_id>-<seq>.parquet`);
-its skipped ids go to `_staging/<run_id>/skipped/`, and a small JSON record in `_staging/<run_id>/parts/` is
-written last, so a part with a record is complete: a resumed run starts after the recorded parts.
+its skipped ids go to `_staging/<run_id>/skipped/`, what the catalog said of its tagged objects (size, ETag,
+mtime: `current` keeps them) to `_staging/<run_id>/objects/`, and a small JSON record in
+`_staging/<run_id>/parts/` is written last, so a part with a record is complete: a resumed run starts after
+the recorded parts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..tables import PARTITION, TAGS_FILE_SCHEMA
+from ..tables.schema import OBJECT_COLUMNS
 
 # Columns whose min/max go into the commit's per-file stats (short, exact values: safe for data skipping).
 _STATS_MINMAX = (
@@ -43,6 +46,8 @@ class StagedPart:
     rows_error: int
     skipped_file: str | None  # URI of the skipped ids' Parquet file
     rows_skipped: int
+    objects_file: str | None = None  # URI of (image_id, size, etag, mtime) of its ok rows (absent: staged before)
+    rows_not_fetched: int = 0  # skipped rows never downloaded (unchanged size and ETag / mtime)
 
     @property
     def rows(self) -> int:
@@ -219,9 +224,8 @@ class PartWriter:
         skipped_file = None
         if skipped.num_rows:
             skipped_file = self.staging.path("skipped", name)
-            storage.write_bytes(
-                skipped_file, parquet_bytes(skipped.select(["image_id", "uri", "content_sha256"]))
-            )
+            kept = [c for c in ("image_id", "uri", "content_sha256", *OBJECT_COLUMNS) if c in skipped.column_names]
+            storage.write_bytes(skipped_file, parquet_bytes(skipped.select(kept)))
         ok = int(pc.sum(pc.fill_null(pc.equal(status, "ok"), False).cast(pa.int64())).as_py() or 0)
         part = StagedPart(
             seq=self.seq,
@@ -233,9 +237,23 @@ class PartWriter:
             rows_error=table.num_rows - ok - skipped.num_rows,
             skipped_file=skipped_file,
             rows_skipped=skipped.num_rows,
+            objects_file=self._write_objects(table, name),
+            rows_not_fetched=skipped.column("content_sha256").null_count if skipped.num_rows else 0,
         )
         # the record last: a part with a record is complete
         storage.write_bytes(
             self.staging.path("parts", f"part-{self.seq:06d}.json"), json.dumps(asdict(part)).encode()
         )
         return part
+
+    def _write_objects(self, table: pa.Table, name: str) -> str | None:
+        """What the catalog said of the part's ok objects, for `current` (tags has no such columns)."""
+        if not set(OBJECT_COLUMNS).issubset(table.column_names):
+            return None
+        ok = table.filter(pc.fill_null(pc.equal(table.column("status"), "ok"), False))
+        ok = ok.select(["image_id", *OBJECT_COLUMNS])
+        if ok.num_rows == 0 or all(ok.column(c).null_count == ok.num_rows for c in OBJECT_COLUMNS):
+            return None
+        uri = self.staging.path("objects", name)
+        storage.write_bytes(uri, parquet_bytes(ok))
+        return uri

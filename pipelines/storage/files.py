@@ -7,6 +7,7 @@ Small files (configs, manifests, table parts, snapshots) go through here; image 
 from __future__ import annotations
 
 import os
+import stat
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -211,6 +212,56 @@ def printable(text: str, limit: int) -> str:
     """Text from a hostile file, fit for one line of a message: control characters escaped, cut short."""
     out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[: limit + 1])
     return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
+# ---- what a listing or a metadata request says of an object: (size, etag, mtime in epoch µs) --------------
+#
+# What `retag` compares to skip an unchanged image without downloading it. S3: size and ETag (the content's
+# identity; LastModified only when a store sends no ETag, as it moves when identical bytes are uploaded
+# again); local files: size and modification time (what rsync and make trust). Whole seconds for S3 times:
+# a listing and a HEAD do not send them with the same precision.
+
+ObjectMeta = tuple[int | None, str | None, int | None]
+NO_META: ObjectMeta = (None, None, None)
+
+
+def s3_meta(entry: dict) -> ObjectMeta:
+    """From a ListObjectsV2 entry or a HeadObject response."""
+    size = entry.get("Size", entry.get("ContentLength"))
+    etag = (entry.get("ETag") or "").strip('"') or None
+    modified = entry.get("LastModified")
+    mtime = int(modified.timestamp()) * 1_000_000 if modified is not None and etag is None else None
+    return (None if size is None else int(size)), etag, mtime
+
+
+def local_meta(path: str) -> ObjectMeta:
+    """os.stat of a file (links followed); nothing when it cannot be stat'ed or is no regular file."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return NO_META
+    if not stat.S_ISREG(info.st_mode):
+        return NO_META
+    return info.st_size, None, info.st_mtime_ns // 1000
+
+
+def object_meta(uri: str, roots: tuple[str, ...] | None = None) -> ObjectMeta:
+    """One metadata request (S3 HEAD, or a local stat): no byte of the object is read. NO_META when it
+    fails for any reason (the caller then reads the object, and that read says why), and for a local path
+    outside `roots` (resolved folders, see `objects.confine`)."""
+    uri = normalize(uri)
+    if uri.startswith("s3://"):
+        bucket, key = _bucket_key(uri)
+        try:
+            return s3_meta(aws.boto_s3().head_object(Bucket=bucket, Key=key))
+        except Exception:  # any failure: the GET that follows has the retries and the reasons
+            return NO_META
+    if is_remote(uri):
+        return NO_META
+    real = os.path.realpath(uri)
+    if roots is not None and not any(real == r or real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        return NO_META
+    return local_meta(real)
 
 
 # ---- listing a tree (vacuum) ----------------------------------------------------------------------------

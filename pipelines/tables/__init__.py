@@ -1,7 +1,7 @@
-"""The output tables: their schemas (`schema`), opening them (`delta`) and the read side (`queries`:
-committed runs, the latest run, content hashes already tagged, embedding search)."""
+"""The output tables: their schemas (`schema`), opening and reading them (`delta`) and the read side
+(`queries`: committed runs, the latest run, content hashes already tagged, embedding search)."""
 
-from .delta import open_or_create, open_table
+from .delta import arrow_dataset, open_or_create, open_table
 from .queries import (
     current_uri,
     get_run,
@@ -30,6 +30,7 @@ from .schema import (
 )
 
 __all__ = [
+    "arrow_dataset",
     "CURRENT_SCHEMA",
     "LABEL_COLUMNS",
     "current_app_id",

@@ -15,8 +15,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
 from .. import storage
-from .delta import open_table
-from .schema import RUNS_SCHEMA
+from .delta import arrow_dataset, open_table
+from .schema import OBJECT_COLUMNS, RUNS_SCHEMA
 
 
 def tags_uri(output: str) -> str:
@@ -36,7 +36,7 @@ def list_runs(output: str) -> pa.Table:
     table = open_table(runs_uri(output))
     if table is None:
         return RUNS_SCHEMA.empty_table()
-    runs = table.to_pyarrow_table()
+    runs = arrow_dataset(table).to_table()
     return runs.sort_by([("finished_at", "ascending"), ("run_id", "ascending")])
 
 
@@ -84,7 +84,7 @@ def search_embeddings(
     columns = ["image_id", "uri", "embedding", "labels", "model_name", "model_version"]
     top = _TopK(k)
     searched = other = 0
-    for batch in table.to_pyarrow_dataset().to_batches(columns=columns, filter=condition):
+    for batch in arrow_dataset(table).to_batches(columns=columns, filter=condition):
         if model is not None:
             mine = pc.and_(pc.equal(batch.column("model_name"), model[0]), pc.equal(batch.column("model_version"), model[1]))
             other += batch.num_rows - int(pc.sum(mine).as_py() or 0)
@@ -132,17 +132,47 @@ class _TopK:
         return [row for _, _, row in sorted(self.heap, key=lambda t: (-t[0], t[1]))]
 
 
+# The skip reads stream a whole table once, at night, into a compact index: small batches and little
+# read-ahead keep their peak memory near the index's own (-40 % at 3 M rows, for ~15 % more time).
+SKIP_SCAN = {"batch_size": 65_536, "fragment_readahead": 1, "batch_readahead": 2}
+
+
 def iter_ok_hashes(tags_uri: str, model_name: str, model_version: str) -> Iterator[pa.Array]:
     """content_sha256 of every row tagged `ok` by this model name+version in a committed run, in batches."""
     table = open_table(tags_uri)
     if table is None:
         return
-    ds = table.to_pyarrow_dataset()
+    ds = arrow_dataset(table)
     condition = (
         (pds.field("model_name") == model_name)
         & (pds.field("model_version") == model_version)
         & (pds.field("status") == "ok")
     )
-    for batch in ds.to_batches(columns=["content_sha256"], filter=condition):
+    for batch in ds.to_batches(columns=["content_sha256"], filter=condition, **SKIP_SCAN):
         if batch.num_rows:
             yield batch.column(0)
+
+
+def iter_known_objects(
+    current_uri: str, model_name: str, model_version: str, taxonomy_sha256: str
+) -> Iterator[pa.RecordBatch]:
+    """(image_id, uri, size, etag, mtime) of the `current` rows a run may skip by size and ETag / mtime:
+    status ok, labels from this model name+version and taxonomy. Nothing from a table written before
+    those columns existed (its next update adds them)."""
+    table = open_table(current_uri)
+    if table is None:
+        return
+    names = set(table.schema().to_arrow().names)
+    columns = ["image_id", "uri", *OBJECT_COLUMNS]
+    if not names.issuperset(columns):
+        return
+    condition = (
+        (pds.field("status") == "ok")
+        & pds.field("labels").is_valid()
+        & (pds.field("model_name") == model_name)
+        & (pds.field("model_version") == model_version)
+        & (pds.field("taxonomy_sha256") == taxonomy_sha256)
+    )
+    for batch in arrow_dataset(table).to_batches(columns=columns, filter=condition, **SKIP_SCAN):
+        if batch.num_rows:
+            yield batch
