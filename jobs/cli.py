@@ -18,10 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from jobs import (
+    cmd_ablate,
+    cmd_drift,
+    cmd_duplicates,
     cmd_evaluate,
+    cmd_index,
     cmd_promote,
     cmd_quickstart,
     cmd_retag,
+    cmd_review,
     cmd_runs,
     cmd_search,
     cmd_tag,
@@ -33,7 +38,8 @@ from jobs.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, UserError
 from jobs.options import Option, load_job_config
 
 COMMANDS = (
-    cmd_quickstart, cmd_train, cmd_evaluate, cmd_promote, cmd_retag, cmd_tag, cmd_search, cmd_runs, cmd_vacuum
+    cmd_quickstart, cmd_train, cmd_evaluate, cmd_promote, cmd_retag, cmd_tag, cmd_search, cmd_runs, cmd_vacuum,
+    cmd_drift, cmd_review, cmd_ablate, cmd_index, cmd_duplicates,
 )
 _BY_NAME = {mod.NAME: mod for mod in COMMANDS}
 

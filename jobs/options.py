@@ -13,6 +13,8 @@ Field metadata, `Field(..., json_schema_extra={"cli": {...}})`:
     {"positional": "METAVAR"}  a positional argument (a list field takes one or more values)
     {"required": True}         required by the command although the dataclass has a default
     {"hidden": True}           not an option (e.g. a test hook)
+    {"aliases": ["--from"]}    more flags for the same option (a short name the contract promises); a
+                               flag's own prefix would do only while no other flag shares it
 """
 
 from __future__ import annotations
@@ -73,6 +75,16 @@ class Option:
     def flag(self) -> str:
         """How the command line names it: `--top-k`, or a positional's metavar."""
         return self.meta["positional"] if self.positional else "--" + self.name.replace("_", "-")
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Other flags that set it (`cli.aliases`); a positional has none."""
+        names = tuple(self.meta.get("aliases") or ())
+        if names and self.positional:
+            raise TypeError(f"positional option {self.name!r} cannot have flag aliases")
+        if any(not n.startswith("--") for n in names):
+            raise TypeError(f"aliases of option {self.name!r} must be --flags: {list(names)}")
+        return names
 
     @property
     def required(self) -> bool:
@@ -136,6 +148,7 @@ def add_options(
     for option in options.values():
         target = made[group_of[option.name]] if option.name in group_of else parser
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": option.help}
+        aliases = option.aliases  # checked for every option, positional or not
         if option.positional:
             target.add_argument(option.name, metavar=option.flag, nargs="*", **kwargs)
             continue
@@ -146,7 +159,7 @@ def add_options(
             kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}" if choices else option.name.upper()
             if option.is_list:
                 kwargs["nargs"] = "+"
-        target.add_argument(option.flag, dest=option.name, **kwargs)
+        target.add_argument(option.flag, *aliases, dest=option.name, **kwargs)
 
 
 def load_job_config(path: str) -> dict[str, Any]:

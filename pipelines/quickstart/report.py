@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from mumic_core import images
 
 from .. import storage
-from ..tables import open_table, tags_uri
+from ..tables import arrow_dataset, open_table, tags_uri
 
 TEMPLATE = Path(__file__).with_name("template.html")
 
@@ -32,7 +32,7 @@ def sample_tagged(output: str, run: Mapping, n: int = 24) -> list[dict]:
         return []
     cond = (pds.field("run_id") == run["run_id"]) & (pds.field("status") == "ok")
     rows: list[dict] = []
-    for batch in table.to_pyarrow_dataset().to_batches(columns=["image_id", "uri", "labels"], filter=cond):
+    for batch in arrow_dataset(table).to_batches(columns=["image_id", "uri", "labels"], filter=cond):
         rows.extend(batch.to_pylist())
         if len(rows) >= n:
             break

@@ -145,9 +145,9 @@ def _next_steps(workdir: Path, output: Path, model_ref: str, uri: str) -> list[s
         "",
         "The latest committed run's row count in DuckDB (docs/output-tables.md has more queries):",
         "python - <<'EOF'",
-        "import duckdb; from deltalake import DeltaTable",
-        f"tags = DeltaTable('{output / 'tags'}').to_pyarrow_dataset()",
-        f"runs = DeltaTable('{output / 'runs'}').to_pyarrow_table()",
+        "import duckdb, polars as pl  # Polars' reader: the process exits cleanly (output-tables.md)",
+        f"tags = pl.scan_delta('{output / 'tags'}')",
+        f"runs = pl.scan_delta('{output / 'runs'}')",
         'print(duckdb.sql("SELECT run_id, count(*) AS rows FROM tags WHERE run_id = '
         "(SELECT run_id FROM runs ORDER BY finished_at DESC LIMIT 1) GROUP BY run_id\").fetchall())",
         "EOF",

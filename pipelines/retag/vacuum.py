@@ -1,14 +1,17 @@
 """`mumic vacuum`: remove what no commit references, older than a grace period, under an output location.
 
-Two kinds of leftovers:
+Three kinds of leftovers:
 
-- data files of the tables (`tags`, `runs`, `current`) that the latest version does not reference: files
-  an earlier commit removed (tombstones older than the grace period) and files no commit ever added
-  (untracked, last modified before the grace period): the parts of abandoned runs. The list is
-  delta-rs's own (`DeltaTable.vacuum(dry_run=True, full=True)`: `full` is what includes untracked files);
-  the files are deleted here, so that those of a run still being written are kept.
+- data files of the tables (`tags`, `runs`, `current`, `drift`, `duplicates`) that the latest version
+  does not reference: files an earlier commit removed (tombstones older than the grace period) and files
+  no commit ever added (untracked, last modified before the grace period): the parts of abandoned runs.
+  The list is delta-rs's own (`DeltaTable.vacuum(dry_run=True, full=True)`: `full` is what includes
+  untracked files); the files are deleted here, so that those of a run still being written are kept.
 - the staging folders (`_staging/<run_id>/`) of abandoned runs: no live lease, newest file older than the
   grace period.
+- search-index generations (`_index/<model>/<version>/`) that the folder's manifest no longer names, by the
+  index store's own rule (`index.store.superseded`), older than the grace period and its hour, and only once
+  the manifest itself is an hour old: a reader of the manifest it replaced may still use their files.
 
 A run with a live lease is never touched: neither its staging nor its staged data files, and no untracked
 file written since it acquired its lease. A run that is not committed and whose staging is recent
@@ -26,12 +29,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import storage
+from ..index import store as index_store
 from ..storage import files
 from ..tables import open_table, retag_app_id
 from .lease import LeaseHeld, LeaseInfo, RunLease, holder_is_gone, read_lease
 from .staging import LEASE_FILE, RunStaging, staging_root
 
-TABLES = ("tags", "runs", "current")
+TABLES = ("tags", "runs", "current", "drift", "duplicates")
 DEFAULT_GRACE_HOURS = 168  # delta's own default retention: a week
 _PART = re.compile(r"(?:^|/)part-(?P<run_id>[A-Za-z0-9][A-Za-z0-9._-]*)-\d{6}\.parquet$")
 
@@ -62,6 +66,8 @@ class VacuumReport:
     staging_runs: list[str] = field(default_factory=list)
     staging_files: int = 0
     staging_bytes: int = 0
+    index_files: int = 0
+    index_bytes: int = 0
     kept: dict[str, str] = field(default_factory=dict)  # run id → why its files were kept
 
     def as_dict(self) -> dict:
@@ -107,6 +113,13 @@ class _Remover:
                 files.delete_file(uri)
             self.report.data_files += 1
             self.report.data_bytes += size
+
+    def index(self, found: list[tuple[str, int, float]]) -> None:
+        for uri, size, _ in found:
+            if not self.report.dry_run:
+                files.delete_file(uri)
+            self.report.index_files += 1
+            self.report.index_bytes += size
 
     def staging(self, run: StagedRun) -> None:
         for uri, size, _ in run.files:
@@ -170,6 +183,20 @@ def _unreferenced_by_run(output: str, grace_hours: float) -> tuple[dict[str, lis
     return by_run, others
 
 
+def _superseded_index_files(output: str, grace_hours: float) -> list[tuple[str, int, float]]:
+    """(uri, size, mtime) of the index generations no manifest names any more, past the grace period."""
+    older_than = max(grace_hours * 3600, index_store.KEEP_SECONDS)
+    settled = time.time() - index_store.KEEP_SECONDS
+    found = []
+    for model in index_store.indexed_models(output):
+        folder, manifest = index_store.index_dir(output, model), index_store.read_manifest(output, model)
+        published = [m for uri, _, m in files.list_tree(folder) if uri.endswith("/" + index_store.MANIFEST)]
+        if manifest is None or not published or published[0] >= settled:
+            continue  # just published: a reader of the manifest it replaced may still read the old files
+        found += index_store.superseded(folder, manifest, older_than_s=older_than)
+    return found
+
+
 def vacuum_output(
     output: str,
     grace_hours: float = DEFAULT_GRACE_HOURS,
@@ -188,6 +215,7 @@ def vacuum_output(
     )
     remove = _Remover(report)
     remove.data([o for o in others if o[2] < live_since])  # none that a live run may have written
+    remove.index(_superseded_index_files(output, grace_hours))
     tags = open_table(storage.join(output, "tags"))
     for run_id in sorted(set(by_run) | set(staged)):
         run, data = staged.get(run_id), by_run.get(run_id, [])
@@ -217,6 +245,8 @@ def format_report(report: VacuumReport) -> str:
         f"older than {report.grace_hours:g} h",
         f"{verb} the staging of {len(report.staging_runs)} abandoned run(s) ({report.staging_files} file(s), "
         f"{_mb(report.staging_bytes)})" + (f": {', '.join(report.staging_runs)}" if report.staging_runs else ""),
+        f"{verb} {report.index_files} file(s) of search-index generations no manifest names "
+        f"({_mb(report.index_bytes)})",
     ]
     lines += [f"kept run {run_id}: {why}" for run_id, why in sorted(report.kept.items())]
     return "\n".join(lines)

@@ -1,6 +1,8 @@
 """The `mumic` command line: every contract command exists, errors are one line, tag scores images."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,10 @@ from PIL import Image
 
 from jobs import cli
 
-CONTRACT_COMMANDS = ("quickstart", "train", "evaluate", "promote", "retag", "tag", "search", "runs", "vacuum")
+CONTRACT_COMMANDS = (
+    "quickstart", "train", "evaluate", "promote", "retag", "tag", "search", "runs", "vacuum",
+    "ablate", "index", "duplicates", "drift", "review",
+)
 
 
 def mumic(*args, **kw):
@@ -181,6 +186,44 @@ def test_flags_arrive_typed_and_yaml_text_options_read_as_written(tmp_path):
     assert (options.run_date, options.run_id) == ("2026-11-20", "20261120")
     train, _ = cli.parse(["train", "--annotations", "a", "--taxonomy", "t"]).options
     assert (train.annotations, train.epochs, train.use_gpu) == ("a", 10, False)
+
+
+def test_every_registered_command_is_in_the_contract_and_the_readme():
+    registered = {mod.NAME for mod in cli.COMMANDS}
+    assert registered == set(CONTRACT_COMMANDS)
+    root = Path(cli.__file__).resolve().parents[1]
+    for doc in ("docs/contract.md", "README.md"):
+        rows = re.findall(r"^\| `mumic (\w+)", (root / doc).read_text(), re.M)
+        assert set(rows) == registered and len(rows) == len(set(rows)), doc
+
+
+def test_an_alias_flag_sets_the_same_option_as_its_long_flag():
+    # without abbreviations: --from is a flag of its own, not a prefix of --from-run
+    short = cli.parse(["drift", "--output", "o", "--from", "a", "--to", "b"], allow_abbrev=False).values
+    long = cli.parse(["drift", "--output", "o", "--from-run", "a", "--to-run", "b"], allow_abbrev=False).values
+    assert short == long and (short["from_run"], short["to_run"]) == ("a", "b")
+    assert cli.command_fields("drift")["from_run"].aliases == ("--from",)
+
+
+def test_an_alias_must_be_a_long_flag_of_an_option():
+    from pydantic import Field
+    from pydantic.dataclasses import dataclass
+
+    from jobs.options import add_options, fields
+
+    @dataclass(frozen=True)
+    class Positional:
+        images: list[str] = Field(
+            default_factory=list, json_schema_extra={"cli": {"positional": "IMAGE", "aliases": ["--image"]}}
+        )
+
+    @dataclass(frozen=True)
+    class Short:
+        level: int = Field(1, json_schema_extra={"cli": {"aliases": ["-l"]}})
+
+    for schema, name in ((Positional, "images"), (Short, "level")):
+        with pytest.raises(TypeError, match=name):
+            add_options(argparse.ArgumentParser(), fields([schema]), {})
 
 
 def test_the_cli_uses_no_argparse_internals_and_commands_do_not_import_it():

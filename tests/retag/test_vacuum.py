@@ -14,6 +14,7 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -242,3 +243,93 @@ def test_vacuum_on_s3_removes_an_abandoned_runs_parts_and_staging(
     assert not [f for f in files.list_tree(f"{output}/tags") if "part-s3-abandoned-" in f[0]]
     tags = tables.open_table(f"{output}/tags").to_pyarrow_table(columns=["image_id", "run_id"])
     assert tags.num_rows == N_IMAGES and set(tags.column("run_id").to_pylist()) == {"s3-first"}
+
+
+# ---- the tables of other commands, and the search index ------------------------------------------------
+
+MODEL = ("m", "1")
+
+
+def _write_current(output: Path, seed: int, n: int = 40) -> None:
+    """Replace `current` with n rows of model MODEL (new embeddings and tags_version: every row changed, so
+    the next index update is a rebuild, a new generation); the last row has the first row's bytes."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    rows = [
+        {"image_id": f"img-{i:03d}", "uri": f"/data/img-{i:03d}.jpg", "content_sha256": f"{i % (n - 1):064x}",
+         "status": "ok", "labels": [{"label": "red", "score": 0.9}], "embedding": v.tolist(),
+         "model_name": MODEL[0], "model_version": MODEL[1], "tags_version": seed}
+        for i, v in enumerate(vectors)
+    ]
+    write_deltalake(str(output / "current"), pa.Table.from_pylist(rows, schema=tables.CURRENT_SCHEMA), mode="overwrite")
+
+
+def _drift_rows(change: float) -> list[dict]:
+    return [{"from_run_id": "run-a", "to_run_id": "run-b", "scope": "current", "label": label, "change": change}
+            for label in ("red", "green")]
+
+
+def _vacuum_json(output: Path, grace_hours: float, *extra: str) -> dict:
+    code, printed = _vacuum_cli("--output", str(output), "--grace-hours", str(grace_hours), "--json", *extra)
+    assert code == 0
+    return json.loads(printed)
+
+
+def test_vacuum_cleans_the_drift_and_duplicates_tables_and_index_generations_no_manifest_names(tmp_path):
+    """`drift` and `duplicates` by the tables' rule (tombstones by removal time, untracked files by age);
+    index generations the manifest no longer names once they, and the manifest, are past the grace period
+    and the index store's hour (a reader of the replaced manifest may still read its files)."""
+    from pipelines import index
+    from pipelines.drift.table import write_comparison
+    from pipelines.index import store
+
+    out = tmp_path / "out"
+    for seed in (1, 2):  # two generations, and a `duplicates` table replaced once
+        _write_current(out, seed)
+        found = index.find_duplicates(str(out), MODEL, threshold=0.95)
+    _write_current(out, 3)
+    assert index.refresh(str(out), MODEL).rebuilt  # a third generation
+    write_comparison(str(out), _drift_rows(0.1))
+    write_comparison(str(out), _drift_rows(0.2))  # replaces the comparison's rows: tombstones
+    stray = out / "drift" / "part-00000-stray.parquet"  # a writer that died before its commit
+    pq.write_table(pa.table({"label": ["x"]}), stray)
+    _age([stray], 2)
+    folder = Path(store.index_dir(str(out), MODEL))
+    manifest = store.read_manifest(str(out), MODEL)
+    current_files = {store.MANIFEST, manifest["index_file"], manifest["keys_file"]}
+    old_generations = sorted(p for p in folder.iterdir() if p.name not in current_files)
+    assert len(old_generations) == 4  # index + keys of generations 1 and 2
+    groups = sorted(tables.arrow_dataset(tables.open_table(str(out / "duplicates"))).to_table().to_pylist(),
+                    key=lambda r: r["image_id"])
+    assert found.groups >= 1 and any(r["exact_duplicate"] for r in groups)
+    rewritten = ("drift", "duplicates", "current")
+    tombstones = {name: _unreferenced_on_disk(str(out / name)) for name in rewritten}
+    assert tombstones["drift"] >= {storage.normalize(str(stray))} and len(tombstones["duplicates"]) >= 1
+
+    # grace 1 h: the 2 h old stray file goes; the tombstones (removed just now) and the index stay
+    report = _vacuum_json(out, 1)
+    assert (report["data_files"], report["index_files"]) == (1, 0) and not stray.exists()
+    assert report["data_bytes"] > 0
+    # grace 0: the tombstones go too, and a dry run first removes nothing
+    want = sum(len(t) for t in tombstones.values()) - 1
+    assert _vacuum_json(out, 0, "--dry-run")["data_files"] == want
+    assert all(_unreferenced_on_disk(str(out / name)) for name in rewritten)
+    assert _vacuum_json(out, 0)["data_files"] == want
+    assert not any(_unreferenced_on_disk(str(out / name)) for name in rewritten)
+    after = tables.arrow_dataset(tables.open_table(str(out / "duplicates"))).to_table().to_pylist()
+    assert sorted(after, key=lambda r: r["image_id"]) == groups
+    drift = tables.arrow_dataset(tables.open_table(str(out / "drift"))).to_table()
+    assert sorted(drift.column("change").to_pylist()) == [0.2, 0.2]
+    assert all(p.exists() for p in old_generations)  # written within the index store's hour
+
+    _age(old_generations, 3)  # old generations, but the manifest was published just now
+    assert _vacuum_json(out, 0)["index_files"] == 0 and all(p.exists() for p in old_generations)
+    _age([folder / store.MANIFEST], 2)
+    assert _vacuum_json(out, 4)["index_files"] == 0  # not past the grace period
+    sizes = sum(p.stat().st_size for p in old_generations)
+    report = _vacuum_json(out, 2)
+    assert (report["index_files"], report["index_bytes"]) == (4, sizes) and sizes > 0
+    assert sorted(p.name for p in folder.iterdir()) == sorted(current_files)
+    searched, hits = index.search_index(str(out), np.ones(16, np.float32), 3, MODEL)  # the index still works
+    assert searched["rows"] == 40 and len(hits) == 3
