@@ -137,6 +137,15 @@ def tiny_model_dir(tiny_model_untrained, tmp_path_factory) -> Path:
     return Path(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_model_dir) -> tuple[str, tuple[str, str]]:
+    """The tiny model folder and the (name, version) the tables record for it."""
+    from pipelines.registry import resolve_model
+
+    mref = resolve_model(str(tiny_model_dir))
+    return str(tiny_model_dir), (mref.name, mref.version)
+
+
 @pytest.fixture
 def fault_proxy(s3_server, monkeypatch):
     """A fault-injecting proxy (tests/faults.py) in front of the S3 server, for this test only.
