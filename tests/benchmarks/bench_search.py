@@ -85,6 +85,9 @@ def recall(found: list[np.ndarray], truth: np.ndarray, k: int) -> float:
     return float(np.mean([len(set(f[:k].tolist()) & set(t.tolist())) / k for f, t in zip(found, truth, strict=True)]))
 
 
+SWEEP = (32, 64, 128, 256, 512)  # search expansions measured on the built graph
+
+
 def search_all(index, queries: np.ndarray, k: int) -> tuple[list[np.ndarray], np.ndarray]:
     """One query at a time, as `mumic search` asks (k * OVERFETCH candidates, the best k kept)."""
     found, seconds = [], []
@@ -94,6 +97,18 @@ def search_all(index, queries: np.ndarray, k: int) -> tuple[list[np.ndarray], np
         found.append(keys[0][np.argsort(-sims[0], kind="stable")][:k])
         seconds.append(time.perf_counter() - t)
     return found, np.asarray(seconds)
+
+
+def sweep(index, queries: np.ndarray, truth: np.ndarray, k: int) -> dict[int, tuple[float, float]]:
+    """Recall@k and p50 ms per search expansion, on the same graph (the expansion is a query-time knob)."""
+    out = {}
+    for ef in SWEEP:
+        index.expansion_search = ef
+        found, seconds = search_all(index, queries, k)
+        out[ef] = (recall(found, truth, k), float(np.median(seconds) * 1e3))
+        print(f"  expansion_search {ef}: recall@{k} {out[ef][0]:.4f}, p50 {out[ef][1]:.2f} ms", file=sys.stderr)
+    index.expansion_search = ann.PARAMS.expansion_search
+    return out
 
 
 def build(data: np.ndarray, keys: np.ndarray) -> tuple[object, float, float]:
@@ -148,6 +163,7 @@ def main() -> None:
     out["query_cpu_ms_mean"] = (cpu_s() - c) / len(queries) * 1e3
     out["query_p50_ms"], out["query_p95_ms"] = (float(np.percentile(seconds, p) * 1e3) for p in (50, 95))
     out["recall_at_k"] = recall(found, truth, args.k)
+    out["expansion_sweep"] = sweep(index, queries, truth, args.k)
 
     # a night that re-tags 1 %: their old vectors removed, their new ones added under new keys
     rng = np.random.default_rng(args.seed + 3)
