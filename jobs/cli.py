@@ -17,6 +17,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+# Ray's own autoscaler lines ("No available node types can fulfill ...", about any job on a shared cluster)
+# go to the driver's stdout, where `--json` summaries are; the commands say in one line what they wait for.
+# Read when ray is imported (lazily, after this), so set here.
+os.environ.setdefault("RAY_SCHEDULER_EVENTS", "0")
+
 from jobs import (
     cmd_ablate,
     cmd_drift,

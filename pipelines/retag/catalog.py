@@ -28,6 +28,7 @@ from .. import storage
 from ..storage import aws
 from ..storage.files import first_longer, first_non_utf8, local_meta, printable, s3_meta, unreadable_table
 from ..tables.schema import OBJECT_FIELDS
+from . import ids as ids_mod
 
 REQUIRED_COLUMNS = ("image_id", "uri")
 # size / etag / mtime: null when the catalog does not say (a manifest without them)
@@ -258,6 +259,7 @@ def _iter_s3(uri: str, page_size: int) -> Iterator[tuple]:
 class Snapshot:
     files: tuple[str, ...]
     num_rows: int
+    fingerprint: str | None = None  # of its ids (`ids`), when asked for
 
 
 def write_snapshot(
@@ -267,12 +269,14 @@ def write_snapshot(
     check_duplicates: bool = True,
     source: str = "catalog",
     schema: pa.Schema = CATALOG_SCHEMA,
+    fingerprint: bool = False,
 ) -> Snapshot:
     """Write catalog batches as Parquet parts of `schema` under `dest` (columns it has and a batch lacks
-    are null); duplicate ids raise CatalogError.
+    are null); duplicate ids raise CatalogError. With `fingerprint`, the ids' fingerprint (`ids`) too.
 
     Only the ids are kept in memory for the duplicate check (Arrow strings, not Python objects).
     """
+    fingerprints: list[str] = []
     files: list[str] = []
     ids: list[pa.Array] = []
     writer = None
@@ -295,12 +299,14 @@ def write_snapshot(
             total += batch.num_rows
             if check_duplicates:
                 ids.append(batch.column("image_id"))
+            if fingerprint:
+                fingerprints.append(ids_mod.fingerprint(batch.column("image_id")))
     finally:
         if writer is not None:
             writer.close()
     if check_duplicates and ids:
         _raise_on_duplicates(pa.chunked_array(ids, pa.string()), source)
-    return Snapshot(tuple(files), total)
+    return Snapshot(tuple(files), total, ids_mod.combine(fingerprints) if fingerprint else None)
 
 
 def _raise_on_duplicates(ids: pa.ChunkedArray, source: str) -> None:

@@ -93,11 +93,14 @@ def ensure_run_row(runs_uri: str, run_row: dict) -> bool:
     row = dict(run_row)
     for key in ("started_at", "finished_at"):
         row[key] = dt.datetime.fromisoformat(row[key])
-    data = pa.Table.from_pylist([{k: row[k] for k in RUN_FIELDS}], schema=RUNS_SCHEMA)
+    # .get: a row repaired from an older commit's record lacks the fields added since (null)
+    data = pa.Table.from_pylist([{k: row.get(k) for k in RUN_FIELDS}], schema=RUNS_SCHEMA)
+    missing = not set(RUN_FIELDS).issubset(table.schema().to_arrow().names)  # a table written before
     write_deltalake(
         table,
         data,
         mode="append",
+        schema_mode="merge" if missing else None,
         commit_properties=CommitProperties(
             app_transactions=[Transaction(app_id, 1, int(time.time() * 1000))]
         ),

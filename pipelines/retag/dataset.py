@@ -1,10 +1,13 @@
-"""The Ray Data pipeline of a run: snapshot rows → fetch → decode → infer, as a stream of tag rows."""
+"""The Ray Data pipeline of a run: snapshot rows → fetch → decode → infer → staged parts (written by the
+workers), as a stream of part records: no tag row reaches the driver."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import ray
@@ -13,7 +16,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from .. import storage
 from . import catalog as catalog_mod
-from . import decode, fetch
+from . import decode, fetch, staging
 from .options import RetagError, RetagOptions
 
 if TYPE_CHECKING:
@@ -23,6 +26,42 @@ if TYPE_CHECKING:
 # The line a creation-task traceback ends with for our own typed errors (DeviceError, ModelError, ...).
 _RAISED = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<kind>\w*Error): (?P<message>.+)$", re.MULTILINE)
 _OURS = ("DeviceError", "ModelError", "ImageError", "StorageError")
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class Tally:
+    """One per pipeline attempt: the inference actors count their batches here (fire and forget), which
+    the driver reads for its progress lines and first-output time. Nothing waits on it: a worker whose
+    driver died is never blocked here."""
+
+    def __init__(self):
+        self.rows, self.first_at = 0, None
+
+    def add(self, rows: int) -> None:
+        if self.first_at is None:
+            self.first_at = time.time()
+        self.rows += rows
+
+    def read(self) -> tuple[int, float | None]:
+        """(rows inferred so far, wall-clock time of the first batch)."""
+        return self.rows, self.first_at
+
+
+def tally_name(run_id: str) -> str:
+    """The Ray actor name of a run's tally (one writer per run id: the lease)."""
+    return f"mumic-retag-tally:{run_id}"
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """Where and how the pipeline's workers stage its parts."""
+
+    staging: staging.RunStaging
+    run_date: str
+    constants: dict[str, str]  # model_name, model_version, taxonomy_sha256, run_id
+    rows_per_part: int
+    seq_base: int = 0  # the pipeline's parts are numbered above it (`staging.part_seq`)
+    max_part_bytes: int = staging.MAX_PART_BYTES
 
 
 class SnapshotDatasource(Datasource):
@@ -61,8 +100,10 @@ def build_dataset(
     opts: RetagOptions,
     plan: Plan,
     roots: tuple[str, ...] | None,
+    parts: PartSpec,
+    tally,
 ):
-    """The Ray Data pipeline over a catalog snapshot; yields tag rows as pyarrow tables."""
+    """The Ray Data pipeline over a catalog snapshot; yields its staged parts' records (PART_SCHEMA)."""
     # lazily, where it is needed: the read tasks unpickle SnapshotDatasource from this module, and at
     # module level this import would make each of them load torch and open_clip before reading a row
     from .infer import Predictor
@@ -118,16 +159,38 @@ def build_dataset(
             "device": plan.device,
             "num_threads": plan.torch_threads,
             "precision": plan.precision,
+            "tally": tally,
         },
         compute=ray.data.ActorPoolStrategy(size=min(plan.actors, blocks)),  # no idle actors on small runs
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus or None,
     )
+    ds = _staged(ds, parts, plan)
     if plan.uses_gpu:
         # Ray Data waits forever by default for actors it cannot place (no GPU node ever joins); this
         # dataset's own copy of the context, so nothing else in the process changes
         ds.context.wait_for_min_actors_s = math.ceil(opts.gpu_wait_s)
     return ds
+
+
+def _staged(ds, parts: PartSpec, plan: Plan):
+    """The last stages: rows regrouped into blocks of exactly rows_per_part (the last one fewer), each
+    staged by a task (light: I/O and compression), which returns only the parts' records."""
+    ds = ds.repartition(target_num_rows_per_block=parts.rows_per_part, strict=True)
+    return ds.map_batches(
+        staging.write_parts,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={
+            "staging": parts.staging,
+            "run_date": parts.run_date,
+            "constants": parts.constants,
+            "rows_per_part": parts.rows_per_part,
+            "max_part_bytes": parts.max_part_bytes,
+            "seq_base": parts.seq_base,
+        },
+        num_cpus=plan.io_cpus,
+    )
 
 
 def startup_failure(error: BaseException, plan: Plan, opts: RetagOptions) -> RetagError | None:

@@ -37,10 +37,12 @@ class Predictor:
         device: str | None = None,
         num_threads: int | None = None,
         precision: str = "auto",
+        tally=None,
     ):
         """`device` comes from the plan ("cuda" for an actor that reserved a GPU, else "cpu"); a GPU actor
         whose torch cannot use CUDA fails here (DeviceError) rather than run on one CPU thread."""
         self.scorer = Scorer.load(model_uri, device=device, num_threads=num_threads, precision=precision)
+        self.tally = tally  # the run's `dataset.Tally`: told of every batch, for the driver's progress
         self.top_k = int(top_k)
         self.label_names = pa.array(self.scorer.names, pa.string())
         self.num_labels = len(self.label_names)
@@ -76,4 +78,6 @@ class Predictor:
         out = batch.drop_columns([c for c in ("pixels", *columns) if c in batch.column_names])
         for name, col in columns.items():
             out = out.append_column(name, col)
+        if self.tally is not None:
+            self.tally.add.remote(n)  # fire and forget: the rows themselves never go to the driver
         return out

@@ -1,8 +1,9 @@
 """The nightly re-tagging job: catalog → fetch → decode → infer (actor pool) → staged parts → one commit.
 
 Commit protocol (one retag run = one Delta transaction on `tags`):
-1. The driver streams the pipeline's output into Parquet parts (`staging`): invisible until committed.
-2. When every catalog row is staged exactly once, ONE transaction adds all data files (`commit`), carrying
+1. The pipeline's last stage writes its output as Parquet parts (`staging`), on the workers: invisible until
+   committed; only the parts' records reach the driver.
+2. When every catalog row is staged exactly once (counts and id fingerprints, `ids`), ONE transaction adds all data files (`commit`), carrying
    the app transaction `mumic-retag:<run_id>` and the run's summary in its commit metadata.
 3. The `runs` row is appended next (app transaction `mumic-runs:<run_id>`), then staging is removed.
 A crash before 2 leaves nothing visible and a rerun with the same id resumes from the recorded parts;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,10 +35,11 @@ from ..registry import ModelRef, alias_version, parse_ref, resolve_model
 from ..tables import current_uri, iter_ok_hashes
 from ..tables.queries import iter_known_objects
 from . import catalog as catalog_mod
+from . import ids as ids_mod
 from . import unchanged
 from .commit import commit_run, commit_version, ensure_run_row, is_committed, run_row_from_history
 from .current import RunFacts, is_merged, update_current
-from .dataset import build_dataset, startup_failure
+from .dataset import PartSpec, Tally, build_dataset, startup_failure, tally_name
 from .decode import KnownDigests
 from .lease import RunLease
 from .options import CommitFailed, RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
@@ -44,7 +47,9 @@ from .plan import plan_resources
 from .staging import PartWriter, RunStaging, StagedPart
 
 COUNTS = ("rows_ok", "rows_error", "rows_skipped")
-RESUME_KEYS = ("catalog", "model_name", "model_version", "full", "top_k")
+# precision: the resolved one the actors run, known once the pipeline's plan is (`_record_precision`)
+RESUME_KEYS = ("catalog", "model_name", "model_version", "full", "top_k", "requested_precision", "precision")
+_NEWER_KEYS = ("requested_precision",)  # absent from the manifests of runs started before them: not checked
 
 Event = Callable[[str, dict], None]
 
@@ -110,11 +115,12 @@ def run_retag(
         manifest = _start_or_resume(run)
         _record_writer(run, manifest, lease)
         files, todo, rows_resumed = _remaining(run, manifest)
+        known = {p.seq for p in run.staging.parts()}  # staged before the pipeline: by earlier attempts, the split
         t_pipeline = time.perf_counter()
-        processed, first_output_s = _stage_rest(run, manifest, files, todo) if todo > 0 else (0, 0.0)
+        processed, first_output_s, seqs = _stage_rest(run, manifest, files, todo, known) if todo > 0 else (0, 0.0, set())
         pipeline_s = time.perf_counter() - t_pipeline
         lease.check()  # a writer that stalled past its lease's expiry must not commit beside its successor
-        counts, version = _verify_and_commit(run, manifest)
+        counts, version = _verify_and_commit(run, manifest, known | seqs)
     finally:
         lease.release()
     total_s = time.perf_counter() - started
@@ -216,6 +222,7 @@ def _start_or_resume(run: Run) -> dict:
         "model_version": run.model.version,
         "full": run.opts.full,
         "top_k": run.opts.top_k,
+        "requested_precision": run.opts.precision,  # refused on resume even when nothing is left to infer
     }
     manifest = run.staging.read_manifest()
     if manifest is not None:
@@ -229,6 +236,7 @@ def _start_or_resume(run: Run) -> dict:
             run.staging.path("catalog"),
             check_duplicates=catalog_mod.is_manifest(run.catalog),
             source=f"catalog {run.catalog_label}",
+            fingerprint=True,
         )
     except Exception:
         run.staging.cleanup()  # nothing of this run existed before; leave nothing behind
@@ -244,16 +252,19 @@ def _start_or_resume(run: Run) -> dict:
         "taxonomy_sha256": taxonomy.sha256,
         "catalog_files": list(snap.files),
         "catalog_rows": snap.num_rows,
+        "catalog_fingerprint": snap.fingerprint,
+        "precision": None,  # resolved when the pipeline's plan is made
     }
     run.staging.write_manifest(manifest)
     return manifest
 
 
 def _check_resume(manifest: dict, want: dict, explicit_date: str | None) -> None:
-    for key in RESUME_KEYS:
+    for key in (k for k in RESUME_KEYS if k in want and (k in manifest or k not in _NEWER_KEYS)):
         if manifest.get(key) != want[key]:
             raise RetagError(
-                f"run id {manifest['run_id']} was started with {key}={manifest.get(key)!r}, not {want[key]!r}; "
+                f"run id {manifest['run_id']} was started with {key.removeprefix('requested_')}="
+                f"{manifest.get(key)!r}, not {want[key]!r}; "
                 "rerun it with the same settings or use a new --run-id"
             )
     if explicit_date and explicit_date != manifest["run_date"]:
@@ -330,40 +341,69 @@ def _split_unchanged(run: Run, manifest: dict, files: list[str], rows: int) -> t
     return list(snap.files), snap.num_rows
 
 
+def _constants(run: Run, manifest: dict) -> dict[str, str]:
+    """The columns every tags row of the run holds the same value in."""
+    return {
+        "model_name": run.model.name,
+        "model_version": run.model.version,
+        "taxonomy_sha256": manifest["taxonomy_sha256"],
+        "run_id": run.run_id,
+    }
+
+
 def _part_writer(run: Run, manifest: dict) -> PartWriter:
-    """The run's part writer, numbering after the parts already staged."""
+    """The driver's part writer (for unchanged rows), numbering after the parts already staged."""
     return PartWriter(
         run.staging,
         manifest["run_date"],
-        {
-            "model_name": run.model.name,
-            "model_version": run.model.version,
-            "taxonomy_sha256": manifest["taxonomy_sha256"],
-            "run_id": run.run_id,
-        },
+        _constants(run, manifest),
         run.opts.rows_per_part,
         first_seq=max((p.seq for p in run.staging.parts()), default=0),
     )
 
 
-def _stage_rest(run: Run, manifest: dict, files: list[str], todo: int) -> tuple[int, float]:
-    """Run the pipeline over the remaining rows, staging its output; (rows processed, first-output s)."""
+def _stage_rest(
+    run: Run, manifest: dict, files: list[str], todo: int, known: set[int]
+) -> tuple[int, float, set[int]]:
+    """Run the pipeline over the remaining rows, its workers staging its output; (rows processed,
+    first-output s, the seqs of the parts it staged)."""
     with ray_session():
         known_ref = _known_digests(run)
         plan = plan_resources(ray.cluster_resources(), run.opts)
+        _record_precision(run, manifest, plan.precision)
         run.say(
             f"run {run.run_id}: {todo} images → {plan.actors} infer actor(s) "
             f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}, {plan.precision}), "
             f"batch {run.opts.batch_size}"
         )
-        ds = build_dataset(files, todo, run.model.uri, run.config, known_ref, run.opts, plan, _allowed_roots(run))
+        # named, so that a watcher (a test, an operator) can read how far the run's inference is
+        tally = Tally.options(name=tally_name(run.run_id)).remote()
+        # the pipeline's parts are numbered above every part staged before it (`todo.after_seq` included); a
+        # write that a killed attempt still had under way is not among `known` nor this attempt's: not committed
+        spec = PartSpec(run.staging, manifest["run_date"], _constants(run, manifest), run.opts.rows_per_part,
+                        seq_base=max(known, default=0))
+        ds = build_dataset(
+            files, todo, run.model.uri, run.config, known_ref, run.opts, plan, _allowed_roots(run), spec, tally
+        )
         try:
-            return _drain(run, ds, _part_writer(run, manifest), todo)
+            return _drain(run, ds, tally, todo)
         except Exception as e:  # GPU actors never placed, or an actor without its device: one line
             failure = startup_failure(e, plan, run.opts)
             if failure is None:
                 raise
             raise failure from None
+        finally:
+            ray.kill(tally)
+
+
+def _record_precision(run: Run, manifest: dict, precision: str) -> None:
+    """The precision the actors run, in the manifest: a resume must run the one its run started with
+    (`auto` resolves per device: a run started on a GPU does not finish on a CPU in fp32)."""
+    if manifest.get("precision") is not None:
+        _check_resume(manifest, {"precision": precision}, None)
+        return
+    manifest["precision"] = precision
+    run.staging.write_manifest(manifest)
 
 
 def _allowed_roots(run: Run) -> tuple[str, ...]:
@@ -383,38 +423,47 @@ def _known_digests(run: Run):
     return ray.put(known.digests) if len(known) else None
 
 
-def _drain(run: Run, ds, writer: PartWriter, todo: int) -> tuple[int, float]:
-    def staged(parts: list[StagedPart]) -> None:
-        for part in parts:
-            run.event("staged", {"seq": part.seq, "rows": part.rows})
+def _drain(run: Run, ds, tally, todo: int) -> tuple[int, float, set[int]]:
+    """Take the staged parts' records as the workers write them (the rows stay on the workers); the
+    progress lines and the first-output time come from the tally the inference actors tell."""
+    t0, wall0, stop = time.perf_counter(), time.time(), threading.Event()
+    watch = threading.Thread(target=_watch, args=(run, tally, todo, t0, stop), daemon=True)
+    watch.start()
+    processed, seqs = 0, set()
+    records = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0))
+    try:
+        for batch in records:
+            for record in batch.to_pylist():
+                part = StagedPart(**record)
+                processed += part.rows
+                seqs.add(part.seq)
+                run.event("staged", {"seq": part.seq, "rows": part.rows})
+    finally:
+        stop.set()
+        # a driver that stops here (a crash, an error) stops the pipeline's writers too
+        getattr(records, "close", lambda: None)()
+        watch.join(timeout=5)
+    _, first_at = ray.get(tally.read.remote())
+    return processed, max(0.0, first_at - wall0) if first_at else 0.0, seqs
 
-    processed, first_output_s, t0 = 0, 0.0, time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2):
-        if not processed:
-            first_output_s = time.perf_counter() - t0
-        processed += batch.num_rows
-        staged(writer.add(batch))
-        elapsed = time.perf_counter() - t0
-        run.say.every(10, f"{processed}/{todo} images, {processed / max(elapsed, 1e-9):.0f} images/s")
-    part = writer.flush()
-    staged([part] if part else [])
-    return processed, first_output_s
+
+def _watch(run: Run, tally, todo: int, t0: float, stop: threading.Event) -> None:
+    """A progress line every 10 s from the tally, while the pipeline runs."""
+    while not stop.wait(10):
+        try:
+            rows, _ = ray.get(tally.read.remote(), timeout=10)
+        except ray.exceptions.RayError:  # the pipeline is ending (its tally killed): no more lines
+            return
+        run.say(f"{rows}/{todo} images, {rows / max(time.perf_counter() - t0, 1e-9):.0f} images/s")
 
 
-def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
-    """Exactly once, checked rather than assumed (as many distinct staged ids as catalog rows, no more
-    rows), and not an outage (the error ceiling); then the one commit, the runs row, the `current`
-    MERGE, and staging removed."""
-    parts = run.staging.parts()
+def _verify_and_commit(run: Run, manifest: dict, seqs: set[int]) -> tuple[dict, int | None]:
+    """Exactly once, checked rather than assumed (`_check_exactly_once`), and not an outage (the error
+    ceiling); then the one commit, the runs row, the `current` MERGE, and staging removed. `seqs`: the
+    parts this attempt found or staged (not one a killed attempt's worker recorded since)."""
+    parts = [p for p in run.staging.parts() if p.seq in seqs]
     counts = {k: sum(getattr(p, k) for p in parts) for k in COUNTS}
-    staged, distinct = sum(counts.values()), pc.count_distinct(run.staging.staged_ids(parts)).as_py()
-    if not staged == distinct == manifest["catalog_rows"]:
-        raise StagingMismatch(
-            f"run {run.run_id}: {staged} rows ({distinct} distinct ids) are staged for {manifest['catalog_rows']} "
-            f"catalog rows, so committing would duplicate or lose rows; nothing was committed. To start it over, "
-            f"delete {storage.redact(run.staging.dir)} and rerun with --run-id {run.run_id} (or use a new "
-            f"--run-id); `mumic vacuum --output {storage.redact(run.output)}` then removes the parts it had staged"
-        )
+    _check_exactly_once(run, manifest, parts, sum(counts.values()))
     _check_error_ceiling(run, parts, counts, manifest["catalog_rows"])
     run_row = {
         "run_id": run.run_id,
@@ -427,6 +476,7 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
         "catalog": run.catalog_label,
         **counts,
         "rows_not_fetched": sum(p.rows_not_fetched for p in parts),  # skipped unread: unchanged objects
+        "precision": manifest.get("precision"),  # None: no image went through the model in this run
     }
     run.event("before_commit", {"run_id": run.run_id, **counts})
     try:
@@ -442,6 +492,25 @@ def _verify_and_commit(run: Run, manifest: dict) -> tuple[dict, int | None]:
         ) from e
     run.staging.cleanup()
     return {**counts, "rows_not_fetched": run_row["rows_not_fetched"]}, version
+
+
+def _check_exactly_once(run: Run, manifest: dict, parts: list[StagedPart], staged: int) -> None:
+    """Every catalog row staged once: as many rows as the catalog and the same id fingerprint (O(parts));
+    else, or for a run staged before fingerprints, the exact check (as many distinct staged ids as
+    catalog rows, no more rows), which names what is wrong."""
+    fingerprint = ids_mod.combine(p.ids_fingerprint for p in parts)
+    counted = all(p.ids_count == p.rows for p in parts)
+    expected = manifest.get("catalog_fingerprint")  # absent: a run started before fingerprints
+    if expected is not None and fingerprint == expected and counted and staged == manifest["catalog_rows"]:
+        return
+    distinct = pc.count_distinct(run.staging.staged_ids(parts)).as_py()
+    if not staged == distinct == manifest["catalog_rows"]:
+        raise StagingMismatch(
+            f"run {run.run_id}: {staged} rows ({distinct} distinct ids) are staged for {manifest['catalog_rows']} "
+            f"catalog rows, so committing would duplicate or lose rows; nothing was committed. To start it over, "
+            f"delete {storage.redact(run.staging.dir)} and rerun with --run-id {run.run_id} (or use a new "
+            f"--run-id); `mumic vacuum --output {storage.redact(run.output)}` then removes the parts it had staged"
+        )
 
 
 def _update_current(run: Run, run_date: str, tags_version: int | None, parts: list[StagedPart] | None):

@@ -37,7 +37,7 @@ from .staging import LEASE_FILE, RunStaging, staging_root
 
 TABLES = ("tags", "runs", "current", "drift", "duplicates")
 DEFAULT_GRACE_HOURS = 168  # delta's own default retention: a week
-_PART = re.compile(r"(?:^|/)part-(?P<run_id>[A-Za-z0-9][A-Za-z0-9._-]*)-\d{6}\.parquet$")
+_PART = re.compile(r"(?:^|/)part-(?P<run_id>[A-Za-z0-9][A-Za-z0-9._-]*)-\d{6,}\.parquet$")
 
 
 @dataclass

@@ -85,6 +85,9 @@ RUNS_SCHEMA = pa.schema(
         ("rows_ok", pa.int64()),
         ("rows_error", pa.int64()),
         ("rows_skipped", pa.int64()),
+        # what the inference actors ran (fp32, bf16, int8); added later: a runs table written before
+        # gains it at its next append (`commit.ensure_run_row`), its older rows null
+        ("precision", pa.string()),
     ]
 )
 

@@ -37,6 +37,7 @@ import pytest
 from mumic_core import synthetic
 from pipelines import tables
 from pipelines.retag import run_retag
+from pipelines.retag.dataset import tally_name
 from pipelines.retag.staging import RunStaging
 from pipelines.storage import files
 
@@ -93,7 +94,8 @@ def _cli(*args: str) -> list[str]:
 
 
 def _summary(stdout: str) -> dict:
-    return json.loads(stdout[stdout.index("{") :])
+    # the summary is the JSON document that starts a line (Ray may print a line of its own before it)
+    return json.loads(stdout[re.search(r"^\{", stdout, re.MULTILINE).start() :])
 
 
 def _actors(**filters) -> list[dict]:
@@ -131,43 +133,59 @@ def local_catalog(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_an_inference_actor_killed_mid_run_is_restarted_and_every_row_commits_once(
     local_catalog, tiny_model_dir, ray_cluster, tmp_path
 ):
-    """A real SIGKILL of the Predictor actor's process once the first part is staged. Ray Data's actor pool
-    creates its actors with max_restarts=-1 and max_task_retries=-1 (Ray 2.60): the actor comes back, its
-    lost tasks run again, and the run commits in one go with every row exactly once."""
+    """A real SIGKILL of the Predictor actor's process once it has inferred its first rows (the run's tally
+    says so). Ray Data's actor pool creates its actors with max_restarts=-1 and max_task_retries=-1 (Ray
+    2.60): the actor comes back, its lost tasks run again, and the run commits in one go with every row
+    exactly once."""
+    import threading
+
+    import ray
+
     catalog_path, rows = local_catalog
     output, run_id = tmp_path / "out", "actor-kill"
     killed: dict = {}
     started_ms = int(time.time() * 1000)
+    done = threading.Event()
 
-    def on_event(name: str, info: dict) -> None:
-        if name != "staged" or killed:
-            return
-        mine = [a for a in _actors(ActorClassName="MapWorker(", State="ALIVE")
-                if "Predictor" in a["ActorClassName"] and a["StartTime"] >= started_ms]
-        assert len(mine) == 1, mine  # concurrency 1: this run's one inference actor
-        (actor,) = mine
-        pid = actor["Pid"]
-        assert _is_ray_worker(pid), pid
-        killed.update(actor_id=actor["ActorID"], pid=pid, at=dt.datetime.now(dt.UTC), staged_rows=info["rows"])
-        os.kill(pid, signal.SIGKILL)
+    def kill_once_inferring() -> None:
+        while not done.is_set():
+            try:
+                inferred, _ = ray.get(ray.get_actor(tally_name(run_id)).read.remote(), timeout=5)
+            except (ValueError, ray.exceptions.RayError):  # not started yet (or ended)
+                inferred = 0
+            if inferred >= 8:
+                mine = [a for a in _actors(ActorClassName="MapWorker(", State="ALIVE")
+                        if "Predictor" in a["ActorClassName"] and a["StartTime"] >= started_ms]
+                if len(mine) == 1:  # concurrency 1: this run's one inference actor
+                    (actor,) = mine
+                    pid = actor["Pid"]
+                    assert _is_ray_worker(pid), pid
+                    killed.update(actor_id=actor["ActorID"], pid=pid, at=dt.datetime.now(dt.UTC), inferred=inferred)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
 
+    watcher = threading.Thread(target=kill_once_inferring, daemon=True)
+    watcher.start()
     t0 = time.monotonic()
-    summary = run_retag(str(catalog_path), str(tiny_model_dir), str(output), run_id=run_id, progress=False,
-                        concurrency=1, batch_size=4, rows_per_part=8, on_event=on_event)
+    try:
+        summary = run_retag(str(catalog_path), str(tiny_model_dir), str(output), run_id=run_id, progress=False,
+                            concurrency=1, batch_size=4, rows_per_part=8)
+    finally:
+        done.set()
+        watcher.join(timeout=10)
     wall = time.monotonic() - t0
-    assert killed, "no part was staged"
+    assert killed, "the inference actor was never seen inferring"
     assert summary["status"] == "committed" and summary["rows_resumed"] == 0  # one attempt, no rerun
     assert summary["rows_ok"] == N_ACTOR and summary["rows_error"] == 0
     figures = exactly_once(str(output), run_id, [r["image_id"] for r in rows])
-
-    import ray
 
     after = ray._private.state.actors(killed["actor_id"])
     assert after["NumRestarts"] >= 1 and after["Pid"] != killed["pid"], after  # a new process took over
     tags = tables.open_table(str(output / "tags")).to_pyarrow_table(columns=["processed_at"])
     late = pc.sum(pc.greater(tags.column("processed_at"), pa.scalar(killed["at"], tables.UTC_TS))).as_py()
     assert late > 0, "every row was inferred before the kill: the kill was not mid-run"
-    print(f"\nactor pid {killed['pid']} killed after {killed['staged_rows']} rows staged; restarted "
+    print(f"\nactor pid {killed['pid']} killed after {killed['inferred']} rows inferred; restarted "
           f"{after['NumRestarts']}x as pid {after['Pid']}; {late} of {N_ACTOR} rows inferred after the kill; "
           f"lost {figures['lost']}, duplicates {figures['duplicates']}; {wall:.1f}s")
 

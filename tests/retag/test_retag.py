@@ -300,7 +300,8 @@ def test_retag_resumes_a_run_that_crashed_mid_stream_without_redoing_staged_part
     assert tables.open_table(str(output / "tags")) is None  # staged files exist; no table shows them
 
     summary = retag(folder / "catalog.parquet", tiny_model_dir, output, **kw)
-    assert summary["rows_resumed"] > 0 and summary["rows_resumed"] % 10 == 0
+    # whole parts were resumed (the workers may have staged all of them before the driver's crash)
+    assert summary["rows_resumed"] > 0 and summary["rows_resumed"] % 10 in (0, N_IMAGES % 10)
     assert summary["rows_resumed"] + summary["rows_processed"] == N_IMAGES
     ids = tags_of(output, "midway").column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == N_IMAGES and set(ids) == {r["image_id"] for r in rows}

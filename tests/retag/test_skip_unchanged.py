@@ -354,10 +354,12 @@ def test_a_run_killed_mid_night_resumes_and_stages_every_row_once(where, night1,
     assert tables.open_table(str(out / "tags")).version() == version  # nothing committed
     summary = retag(folder, tiny_model_dir, out, **kw)
     # staged before the crash: the unchanged rows (three parts of 2, written from one catalog batch, the
-    # crash at the first), and then one pipeline part
-    resumed = N - 4 if during_split else (N - 4) + 2
-    assert (summary["rows_resumed"], summary["rows_not_fetched"]) == (resumed, N - 4)
-    assert summary["rows_processed"] == (4 + 1 if during_split else 4 + 1 - 2)  # touched + bad.jpg, less staged
+    # crash at the first), and then, in the pipeline, at least the part the driver crashed on (its workers
+    # may have staged more by then); the rest is read by the rerun, nothing twice
+    pipeline_staged = summary["rows_resumed"] - (N - 4)
+    assert summary["rows_not_fetched"] == N - 4
+    assert pipeline_staged == 0 if during_split else 2 <= pipeline_staged <= 4 + 1
+    assert summary["rows_processed"] == 4 + 1 - pipeline_staged  # touched + bad.jpg, less what was staged
     assert (summary["rows_skipped"], summary["rows_error"]) == (N, 1)
     exactly_once(out, "n2", summary, ids_of(folder))
 

@@ -147,7 +147,9 @@ def test_vacuum_removes_abandoned_runs_keeps_live_and_resumable_ones_then_tombst
     _crash(catalog_path, tiny_model_dir, output, "abandoned")
     _crash(catalog_path, tiny_model_dir, output, "resumable")
     abandoned_files = [p for p in _run_files(output, "abandoned") if p.is_file()]
-    (staged_part,) = (output / "tags").rglob("part-abandoned-*.parquet")
+    # the parts the abandoned run's workers had staged when its driver crashed (at least the first)
+    abandoned_parts = sorted((output / "tags").rglob("part-abandoned-*.parquet"))
+    staged_part = abandoned_parts[0]
     ghost = staged_part.parent / "part-ghost-000001.parquet"  # a part whose staging is gone
     shutil.copy(staged_part, ghost)
     _age([*abandoned_files, ghost, *(output / "tags").rglob("part-first-*.parquet")], 48)
@@ -169,16 +171,17 @@ def test_vacuum_removes_abandoned_runs_keeps_live_and_resumable_ones_then_tombst
     report_size = sum(p.stat().st_size for p in abandoned_files)
     code, printed = _vacuum_cli("--output", str(output), "--grace-hours", "24", "--json")
     report = json.loads(printed)
-    assert (report["data_files"], report["staging_runs"]) == (1, ["abandoned"])
+    assert (report["data_files"], report["staging_runs"]) == (len(abandoned_parts), ["abandoned"])
     assert report["data_bytes"] + report["staging_bytes"] == report_size
-    assert report["staging_files"] == len(abandoned_files) - 1  # everything but the data file
+    assert report["staging_files"] == len(abandoned_files) - len(abandoned_parts)  # all but the data files
     assert not (output / "_staging" / "abandoned").exists() and not any(p.exists() for p in abandoned_files)
     assert report["kept"] == {"resumable": "staged within the grace period (resumable)"}
     committed = tables.open_table(str(output / "tags")).to_pyarrow_table(columns=["image_id"])
     assert committed.num_rows == N_IMAGES  # the committed run is whole
 
     resumed = _retag(catalog_path, tiny_model_dir, output, run_id="resumable", full=True)  # parts kept intact
-    assert resumed["status"] == "committed" and resumed["rows_resumed"] == 8 and resumed["rows_ok"] == N_IMAGES
+    assert resumed["status"] == "committed" and resumed["rows_ok"] == N_IMAGES
+    assert resumed["rows_resumed"] in (8, 16, 24)  # whole parts of 8, staged before its crash
 
     # files removed by commits: compact `tags` (rewrites its files), then a grace of 0 removes the old ones
     tags_uri = str(output / "tags")
@@ -232,12 +235,12 @@ def test_vacuum_on_s3_removes_an_abandoned_runs_parts_and_staging(
     _retag_process(ray_cluster, tmp_path, catalog_path, tiny_model_dir, output, "s3-abandoned", crash=True)
     staged = files.list_tree(f"{output}/_staging/s3-abandoned")
     parts = [f for f in files.list_tree(f"{output}/tags") if "part-s3-abandoned-" in f[0]]
-    assert staged and len(parts) == 1
+    assert staged and len(parts) >= 1  # at least the part the driver crashed on
     r = subprocess.run([sys.executable, "-m", "jobs.cli", "vacuum", "--output", output, "--grace-hours", "0",
                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
-    assert (report["data_files"], report["data_bytes"]) == (1, parts[0][1])
+    assert (report["data_files"], report["data_bytes"]) == (len(parts), sum(p[1] for p in parts))
     assert report["staging_runs"] == ["s3-abandoned"] and report["staging_files"] == len(staged)
     assert files.list_tree(f"{output}/_staging/s3-abandoned") == []
     assert not [f for f in files.list_tree(f"{output}/tags") if "part-s3-abandoned-" in f[0]]
