@@ -86,9 +86,11 @@ class RetagOptions:
     run_date: str | None = Field(
         None, description="partition date YYYY-MM-DD (default: today, UTC; a resumed run keeps its own)"
     )
-    fetch_threads: int = Field(16, ge=1, description="concurrent reads per fetch task")
+    fetch_threads: int = Field(
+        32, ge=1, description="concurrent reads per fetch task (reads in flight: tasks x threads)"
+    )
     fetch_concurrency: int | None = Field(
-        None, ge=1, description="fetch tasks at once (default: one per CPU infer actor, at least 2; 6 per GPU)"
+        None, ge=1, description="fetch tasks at once (default: one per CPU infer actor, at least 2; 8 per GPU)"
     )
     fetch_retry_budget_s: float = Field(
         60.0, gt=0, description="seconds one image may take to read, retries of throttling included"

@@ -11,9 +11,11 @@ from mumic_core import precision as precision_rule
 
 from .options import RetagOptions
 
-# Fetch tasks per GPU actor: 6 tasks x 16 threads (the default) = 96 reads in flight, ~1 900 images/s at
-# 50 ms a GET, enough for a ViT-B-32 GPU; the CPU path's max(2, actors) would cap a GPU at ~650.
-FETCH_TASKS_PER_GPU = 6
+# Fetch tasks per GPU actor: a GPU actor takes ~3 000 images/s, so at 50 ms a GET it needs 150 reads in
+# flight, and ~5 cores of S3-client CPU (~1.5-2.5 ms a GET, one interpreter lock per task: a task tops out
+# at ~500 GETs/s whatever its threads). 8 tasks x 32 threads (the default) = 256 in flight, each task at
+# ~2/3 of a core; measured in tests/benchmarks/RESULTS-fetch.md.
+FETCH_TASKS_PER_GPU = 8
 
 
 @dataclass(frozen=True)
