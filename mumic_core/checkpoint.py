@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .model import ModelConfig, ModelError, MuMIC, _listed
+from .model import ModelConfig, ModelError, MuMIC, NoRandomInit, _listed
 from .taxonomy import Taxonomy
 
 WEIGHTS = "model.safetensors"
@@ -196,11 +196,12 @@ def from_bytes(
         state = {FORMAT_1_KEYS.get(k, k): v for k, v in state.items()}
     config = ModelConfig.from_dict(cfg["model"])
     try:
-        model = MuMIC(config, Taxonomy.from_dict(cfg["taxonomy"]))
+        with NoRandomInit():  # every weight is loaded next: drawing random ones first is wasted time
+            model = MuMIC(config, Taxonomy.from_dict(cfg["taxonomy"]))
     except ModelError as e:
         raise ModelError(f"{source}: {e}") from None
     try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = _load_state(model, state)
     except RuntimeError as e:  # a tensor of the wrong shape
         raise ModelError(
             f"{source}: saved weights do not fit the config: {str(e).splitlines()[-1].strip()}"
@@ -211,6 +212,17 @@ def from_bytes(
         )
     model.set_train_mode(config.train_mode)
     return model.to(map_location).eval()
+
+
+def _load_state(model: MuMIC, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """`state` into `model` (strict=False: the caller names what is missing). The loaded tensors become the
+    model's own, no second copy (each owns its memory: safetensors.torch.load gives writable buffers), in
+    the dtype the model built them in, as a copy would cast them; a model with tied weights (one tensor
+    under two names) is copied into instead, so that they stay tied."""
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
+    tied = sum(1 for _ in model.named_parameters(remove_duplicate=False)) != len(list(model.parameters()))
+    return model.load_state_dict(state, strict=False, assign=not tied)
 
 
 def load(path_or_uri: str | Path, map_location: str | torch.device = "cpu") -> MuMIC:

@@ -29,6 +29,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import heads
 from .heads import Head, ImageFeatures
@@ -233,6 +234,32 @@ def build_clip(arch: dict[str, Any]) -> nn.Module:
         raise ModelError(f"architecture not understood by open_clip: {e}") from None
 
 
+# What fills a fresh layer with random numbers: torch.nn.init's random initialisers (open_clip and torch's
+# own layers call these) and the in-place random fills under them.
+_INITIALISERS = "uniform_ normal_ trunc_normal_ kaiming_uniform_ kaiming_normal_ xavier_uniform_"
+RANDOM_INITS = frozenset(
+    {
+        *(getattr(torch.nn.init, name) for name in (*_INITIALISERS.split(), "xavier_normal_", "orthogonal_")),
+        torch.Tensor.uniform_,
+        torch.Tensor.normal_,
+    }
+)
+
+
+class NoRandomInit(TorchFunctionMode):
+    """Build modules without drawing their random initial weights (`with NoRandomInit(): MuMIC(...)`), for
+    a model whose every weight is loaded next: that init is most of a CPU model load (ViT-B-32: ~4 of 5 s).
+
+    The tensors are allocated as usual and left unfilled; everything else a constructor computes (fixed
+    values, masks, non-persistent buffers, a head reading the backbone) runs as before, so a load after it
+    gives the same model. Modes are per thread: other threads still initialise as usual."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in RANDOM_INITS:
+            return args[0] if args else kwargs["tensor"]  # the tensor these fill in place and return
+        return func(*args, **(kwargs or {}))
+
+
 def build_tokenizer(arch: dict[str, Any]):
     text_cfg = arch.get("text_cfg", {})
     ctx = text_cfg.get("context_length", 77)
@@ -310,6 +337,13 @@ def load_pretrained(clip: nn.Module, backbone: str, pretrained: str) -> dict[str
     return {}
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device` right now, or None when it is off there."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 # ---- the model --------------------------------------------------------------------------------------
 
 
@@ -344,6 +378,8 @@ class MuMIC(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
         self._text_cache: dict[tuple, torch.Tensor] = {}
+        self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # see prompt_tokens
+        self._last_sha256: tuple[Taxonomy | None, str] = (None, "")
         # open_clip's own temperature is unused: the head has its own (if any)
         self.clip.logit_scale.requires_grad_(False)
         if getattr(self.clip, "logit_bias", None) is not None:
@@ -451,33 +487,54 @@ class MuMIC(nn.Module):
         params = (*self.text_parameters(), *self.head.text_parameters())
         return (*((p.data_ptr(), p._version) for p in params), repr(self.config.head_options))
 
+    def _sha256(self, taxonomy: Taxonomy) -> str:
+        # a Taxonomy is frozen: the same object has the same hash, and a training step asks for the same
+        # one every time (the hash of 1000 labels is a JSON dump, ~1 ms)
+        if self._last_sha256[0] is not taxonomy:
+            self._last_sha256 = (taxonomy, taxonomy.sha256)
+        return self._last_sha256[1]
+
+    def prompt_tokens(self, taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [P, L] of every prompt of every label, and the label each belongs to [P], on the
+        model's device: tokenised once per (taxonomy, tokenizer, context length, device), not every step
+        (1000 prompts take the tokenizer ~40 ms; the text tower trains on the same ids every step)."""
+        device = self.pixel_mean.device
+        context = getattr(self.tokenizer, "context_length", None)
+        key = (self._sha256(taxonomy), id(self.tokenizer), context, str(device))
+        if key not in self._token_cache:
+            prompts = [taxonomy.prompts_for(label) for label in taxonomy.labels]
+            tokens = self.tokenizer([p for ps in prompts for p in ps]).to(device)  # [P, L]
+            owner = torch.tensor([i for i, ps in enumerate(prompts) for _ in ps], device=device)  # [P]
+            if len(self._token_cache) >= 8:  # zero-shot label sets come and go; the taxonomy is re-made once
+                self._token_cache.clear()
+            self._token_cache[key] = (tokens, owner)
+        return self._token_cache[key]
+
     def prompt_embeddings(self, taxonomy: Taxonomy) -> torch.Tensor:
         """[C, D]: per label, the normalised mean of its normalised prompt embeddings."""
-        prompts = [taxonomy.prompts_for(label) for label in taxonomy.labels]
-        flat = [p for ps in prompts for p in ps]
-        emb = self.encode_texts(flat)  # [sum_k, D]
-        owner = torch.tensor([i for i, ps in enumerate(prompts) for _ in ps], device=emb.device)
-        summed = torch.zeros(len(prompts), emb.shape[1], device=emb.device, dtype=emb.dtype)
+        tokens, owner = self.prompt_tokens(taxonomy)
+        emb = F.normalize(self.clip.encode_text(tokens), dim=-1)  # [P, D]
+        summed = torch.zeros(len(taxonomy), emb.shape[1], device=emb.device, dtype=emb.dtype)
         summed = summed.index_add(0, owner, emb)
         return F.normalize(summed, dim=-1)
 
     def class_embeddings(self, taxonomy: Taxonomy | None = None) -> torch.Tensor:
         """[C, D] L2-normalised, as the head makes them (by default `prompt_embeddings`).
 
-        Cached per (taxonomy, text-side weights) whenever no gradient must flow into the text side;
-        recomputed inside the step while it trains.
+        Cached per (taxonomy, device, autocast dtype, text-side weights) whenever no gradient must flow
+        into the text side; recomputed inside the step while it trains. The autocast dtype is in the key:
+        embeddings made under a training step's bf16 autocast are never served to an fp32 scoring call.
         """
         taxonomy = taxonomy or self.taxonomy
-        needs_grad = torch.is_grad_enabled() and self.text_trainable
-        key = (taxonomy.sha256, str(self.pixel_mean.device), self._text_fingerprint())
-        if not needs_grad and key in self._text_cache:
-            return self._text_cache[key]
-        cls_emb = self.head.encode_classes(self, taxonomy)
-        if not needs_grad:
+        if torch.is_grad_enabled() and self.text_trainable:
+            return self.head.encode_classes(self, taxonomy)
+        device = self.pixel_mean.device
+        key = (self._sha256(taxonomy), str(device), autocast_dtype(device), self._text_fingerprint())
+        if key not in self._text_cache:
             if len(self._text_cache) > 8:
                 self._text_cache.clear()
-            cls_emb = self._text_cache[key] = cls_emb.detach()
-        return cls_emb
+            self._text_cache[key] = self.head.encode_classes(self, taxonomy).detach()
+        return self._text_cache[key]
 
     def score_features(self, features: ImageFeatures, cls_emb: torch.Tensor) -> dict:
         """The head on image features and class embeddings, in fp32 whatever autocast is on."""

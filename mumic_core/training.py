@@ -1,7 +1,8 @@
 """Optimisation pieces shared by every trainer: param groups, LR schedule, one step, and a plain loop.
 
 The plain single-process loop (`fit`) is what tests, benchmarks and baselines use; the Ray Train loop in
-`pipelines` calls the same `make_optimizer` / `train_step`, so both optimise exactly the same thing.
+`pipelines` calls the same `make_optimizer` / `take_step` / `LossTally`, so both optimise exactly the same
+thing.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +54,29 @@ def make_optimizer(model: MuMIC, cfg: OptimConfig) -> torch.optim.Optimizer:
             groups.append({"name": name, "params": no_decay, "lr": group.lr, "weight_decay": 0.0})
     for g in groups:
         g["base_lr"] = g["lr"]
-    return torch.optim.AdamW(groups)
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    return torch.optim.AdamW(groups, **adamw_options(device))
+
+
+def adamw_options(device: torch.device) -> dict:
+    """How AdamW runs over the parameters on `device`: one fused kernel per step on a GPU (not one per
+    parameter and operation), the multi-tensor (foreach) path elsewhere. The maths is the same."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
+def allows_tf32(device: torch.device) -> bool:
+    """Whether fp32 matmuls and convolutions may run in TF32 on `device` (an Ampere or later GPU's tensor
+    cores, ~8x fp32): on cuda, for training and validation alike. The image tower runs under bf16 autocast
+    there anyway; TF32 reaches the text tower and the head, whose logits it moves by ~1e-3 at tau = 0.01
+    (fp32 accumulation, inputs rounded to 10 bits), far inside what a threshold can tell apart."""
+    return device.type == "cuda"
+
+
+def use_fast_float32(device: torch.device) -> None:
+    """The one place a training process sets TF32 (`allows_tf32`); a process-wide setting of torch."""
+    if allows_tf32(device):
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls (torch.backends.cuda.matmul)
+        torch.backends.cudnn.allow_tf32 = True  # convolutions (the patch stem): torch's default, made sure
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
@@ -87,7 +111,7 @@ def stage_schedule(stages: Sequence[int], only: int | None, epochs: int, later_e
     return [s for i, s in enumerate(stages) for _ in range(epochs if i == 0 else later)]
 
 
-def train_step(
+def take_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     pixels: torch.Tensor,
@@ -97,8 +121,10 @@ def train_step(
     class_weights: torch.Tensor | None = None,
     autocast_device: str | None = None,
     objective: Objective | None = None,
-) -> float:
-    """One optimisation step. `model` may be DDP-wrapped; the loss needs the underlying model.
+) -> torch.Tensor:
+    """One optimisation step; the loss as a detached 0-d tensor on the model's device. Reading it
+    (`float`) waits for the device to finish the step: loops add it up with `LossTally` and read once per
+    epoch. `model` may be DDP-wrapped; the loss needs the underlying model.
 
     `objective` (make_objective) is the head's loss; None builds one for this step, which only heads whose
     loss holds no state allow."""
@@ -119,7 +145,35 @@ def train_step(
         torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
     optimizer.step()
     core.head.after_step()
-    return float(loss.detach())
+    return loss.detach()
+
+
+def train_step(*args: Any, **kwargs: Any) -> float:
+    """`take_step` (the same arguments) with the loss read at once, a device sync: for tests and one-off
+    steps, not for a loop."""
+    return float(take_step(*args, **kwargs))
+
+
+class LossTally:
+    """An epoch's sample-weighted loss and objective terms, summed on the device (float64) without a sync
+    per step; `mean()` / `part_means()` read them once. The same numbers as `float(loss)` every step."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self._loss: torch.Tensor | float = 0.0
+        self._parts: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, n: int, terms: dict[str, torch.Tensor] | None = None) -> None:
+        self.samples += n
+        self._loss = self._loss + loss.double() * n
+        for k, v in (terms or {}).items():
+            self._parts[k] = self._parts.get(k, 0.0) + v.detach().double() * n
+
+    def mean(self) -> float:
+        return float(self._loss) / max(self.samples, 1)
+
+    def part_means(self) -> dict[str, float]:
+        return {k: float(v) / max(self.samples, 1) for k, v in self._parts.items()}
 
 
 @torch.no_grad()
@@ -164,18 +218,18 @@ def fit(
         total = math.ceil(len(pixels) / cfg.batch_size) * cfg.epochs
         stage_step = 0
         for _ in range(cfg.epochs):
-            epoch_loss, epoch_samples = 0.0, 0
+            tally = LossTally()
             order = rng.permutation(len(pixels))
             for idx in (order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)):
                 set_lr(optimizer, lr_factor(stage_step, total, cfg.warmup_steps))
                 m = None if mask is None else torch.as_tensor(mask[idx])
                 x, y = torch.as_tensor(pixels[idx]), torch.as_tensor(labels[idx])
-                loss = train_step(model, optimizer, x, y, m, cfg, class_weights, objective=objectives[stage])
-                epoch_loss, epoch_samples = epoch_loss + loss * len(idx), epoch_samples + len(idx)
+                loss = take_step(model, optimizer, x, y, m, cfg, class_weights, objective=objectives[stage])
+                tally.add(loss, len(idx))
                 steps, stage_step, samples = steps + 1, stage_step + 1, samples + len(idx)
                 if out_of_time():
                     break
-            losses.append(epoch_loss / max(1, epoch_samples))
+            losses.append(tally.mean())
             if on_epoch is not None:
                 on_epoch(len(losses) - 1, losses[-1])
             if out_of_time():

@@ -112,10 +112,16 @@ class LrGroup:
 
 @dataclass
 class Objective:
-    """A head's training loss in one stage: `loss(out, labels, mask, pixels)`; `parts` holds the last call's
-    terms (floats, logged per epoch as `loss_<name>`)."""
+    """A head's training loss in one stage: `loss(out, labels, mask, pixels)`; `terms` holds the last call's
+    terms (detached 0-d tensors on the loss's device, logged per epoch as `loss_<name>`): kept as tensors,
+    because reading a number off a GPU waits for it, and the training loop reads them once per epoch."""
 
-    parts: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def parts(self) -> dict[str, float]:
+        """The last call's terms as numbers (a device sync: not for every step)."""
+        return {k: float(v) for k, v in self.terms.items()}
 
     def __call__(self, out: dict[str, Tensor], labels: Tensor, mask: Tensor | None, pixels: Tensor) -> Tensor:
         raise NotImplementedError

@@ -124,5 +124,5 @@ class DecoderObjective(Objective):
         loss, parts = clip_decoder_loss(
             out["logits"], out["img_emb"], out["class_emb"], y, mask, self.alpha, self.beta, self.tau
         )
-        self.parts = {k: float(v.detach()) for k, v in parts.items()}
+        self.terms = {k: v.detach() for k, v in parts.items()}
         return loss

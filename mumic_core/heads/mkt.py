@@ -144,7 +144,7 @@ class RankObjective(Objective):
         loss, parts = mkt_loss(
             out["scores"], labels, mask, out["cls"], target, self.distill_weight, self.margin
         )
-        self.parts = {k: float(v.detach()) for k, v in parts.items()}
+        self.terms = {k: v.detach() for k, v in parts.items()}
         return loss
 
 

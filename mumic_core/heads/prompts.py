@@ -34,6 +34,7 @@ class PromptContext(nn.Module):
         self.tokenizer = tokenizer
         words = torch.tensor(self.prefix_ids + self.suffix_ids, dtype=torch.long)
         self.context = nn.Parameter(clip.token_embedding.weight.detach()[words].clone())  # [n_ctx, W]
+        self._token_cache: tuple[tuple, tuple[Tensor, ...]] | None = None  # see cached_tokens
 
     def _tokens(self, names: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Token ids [C, L] of the filled-in template, and where the context words sit: (row, position,
@@ -57,11 +58,19 @@ class PromptContext(nn.Module):
                     which.append(k)
         return tokens, torch.tensor(rows), torch.tensor(positions), torch.tensor(which)
 
+    def cached_tokens(self, names: Sequence[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """`_tokens(names)` on the context's device, made once for the names a stage-2 step asks for every
+        time: the context words' embeddings train, their token ids and positions do not."""
+        device = self.context.device
+        key = (tuple(names), str(device))
+        if self._token_cache is None or self._token_cache[0] != key:
+            self._token_cache = (key, tuple(t.to(device) for t in self._tokens(names)))
+        return self._token_cache[1]
+
     def encode(self, clip: nn.Module, names: Sequence[str]) -> Tensor:
         """L2-normalised text embeddings [C, D] of the template filled with each name (open_clip's
         `CLIP.encode_text`, with the context words' embeddings replaced by the learned ones)."""
-        device = self.context.device
-        tokens, rows, positions, which = (t.to(device) for t in self._tokens(names))
+        tokens, rows, positions, which = self.cached_tokens(names)
         cast = clip.transformer.get_cast_dtype()
         x = clip.token_embedding(tokens).to(cast)  # [C, L, W]
         x = x.index_put((rows, positions), self.context[which].to(cast))  # not in place: grads reach context

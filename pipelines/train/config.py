@@ -79,7 +79,13 @@ class TrainConfig:
         None, gt=0, description="CPUs per worker (default: 1, or less so that one CPU stays free for data)"
     )
     epochs: int = Field(10, ge=1, description="epochs")
-    batch_size: int = Field(64, ge=1, description="images per step per worker")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="images per step per worker (the default suits a CPU; on a GPU, larger, as many as "
+        "fit: in train_mode both every step runs the text tower over all the taxonomy's prompts, whatever "
+        "the batch)",
+    )
     eval_batch_size: int = Field(128, ge=1, description="images per model call when evaluating")
     lr_image: float = Field(OptimConfig.lr_image, gt=0, description="image tower LR")
     lr_text: float = Field(OptimConfig.lr_text, gt=0, description="text tower LR")

@@ -4,7 +4,7 @@
           a new DDP] → train steps on its shard → validate (sharded, gathered) → tune thresholds
           → checkpoint (rank 0) → ray.train.report
 
-The optimisation itself is `mumic_core.training` (make_optimizer, make_objective, lr_factor, train_step),
+The optimisation itself is `mumic_core.training` (make_optimizer, make_objective, lr_factor, take_step),
 the same code the plain single-process loop runs; what trains and how is the head's (mumic_core.heads).
 """
 
@@ -30,12 +30,36 @@ from mumic_core.heads import Objective
 from mumic_core.model import MuMIC
 from mumic_core.scoring import Scorer
 from mumic_core.taxonomy import Taxonomy
-from mumic_core.training import lr_factor, make_objective, make_optimizer, set_lr, train_step
+from mumic_core.training import (
+    LossTally,
+    lr_factor,
+    make_objective,
+    make_optimizer,
+    set_lr,
+    take_step,
+    use_fast_float32,
+)
 from mumic_core.warmstart import warm_start
 
 from ..progress import Progress
 from .config import TrainConfig
 from .state import STATE, load_state, save_state
+
+GPU_PREFETCH_BATCHES = 4  # batches collated (and copied) ahead of the step on a GPU; Ray's default is 1
+
+
+def loader_options(device: torch.device) -> dict[str, Any]:
+    """How a rank iterates its training shard (`iter_torch_batches`). On a GPU: batches in pinned memory,
+    copied to it by Ray without blocking (its finalize step copies non_blocking), a few collated ahead so
+    the next batch is ready when the step ends. On a CPU: Ray's defaults; there is no copy to overlap."""
+    if device.type != "cuda":
+        return {}
+    return {"device": device, "pin_memory": True, "prefetch_batches": GPU_PREFETCH_BATCHES}
+
+
+def validation_prefetch(device: torch.device) -> int:
+    """Batches of the validation stream read ahead (`iter_batches`): more on a GPU, which scores faster."""
+    return GPU_PREFETCH_BATCHES if device.type == "cuda" else 1
 
 
 def _owner(image_id: str, world: int) -> int:
@@ -48,7 +72,8 @@ def _validate(model: MuMIC, shard, rank: int, world: int, batch_size: int, group
     rank 0 gets all, sorted by id."""
     scorer = Scorer(model, device=model.pixel_mean.device)  # eval mode, the same precision as retag
     ids, scores, labels, masks = [], [], [], []
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+    prefetch = validation_prefetch(model.pixel_mean.device)
+    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch):
         mine = np.array([_owner(i, world) == rank for i in batch["image_id"]], dtype=bool)
         if not mine.any():
             continue
@@ -131,7 +156,7 @@ class _Worker:
     steps_per_epoch: int
     stages: list[int]  # the head's training stage of every epoch (TrainConfig.stages)
     objectives: dict[int, Objective]  # the head's loss per stage, built before any weight changed
-    loss_parts: dict[str, float]  # this epoch's sums of the objective's terms (× samples)
+    loss_parts: dict[str, float]  # this epoch's means of the objective's terms (per sample)
 
     @classmethod
     def start(cls, config: dict) -> _Worker:
@@ -140,6 +165,7 @@ class _Worker:
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         torch.set_num_threads(int(config["threads"]))
         device = ray.train.torch.get_device()
+        use_fast_float32(device)  # TF32 on a GPU, for this process's training and validation alike
         torch.manual_seed(cfg.seed)
         taxonomy = Taxonomy.from_dict(config["taxonomy"])
         if config.get("init_uri"):  # --init: the saved model's backbone and weights, this run's labels
@@ -198,22 +224,23 @@ class _Worker:
             Progress("train")(f"stage {stage} of head {self.cfg.head}")
 
     def train_epoch(self, epoch: int) -> tuple[float, int]:
-        """One pass over this rank's shard; (mean loss, samples)."""
+        """One pass over this rank's shard; (mean loss, samples). The losses stay on the device until
+        the epoch ends (LossTally): reading one every step would wait for the GPU every step."""
         cfg, optim_cfg = self.cfg, self.cfg.optim()
         on_gpu = self.device.type == "cuda"
         objective = self.objectives[self.model.stage]
         stage_steps = self.steps_per_epoch * self.stages.count(self.model.stage)
         self.model.train()
-        loss_sum, n_samples, self.loss_parts = 0.0, 0, {}
+        tally = LossTally()
         batches = ray.train.get_dataset_shard("train").iter_torch_batches(
             batch_size=cfg.batch_size,
             local_shuffle_buffer_size=4 * cfg.batch_size,
-            **({"device": self.device} if on_gpu else {}),
+            **loader_options(self.device),
         )
         for i, batch in enumerate(batches):
             _maybe_fault(cfg.fault, self.rank, epoch, i)
             set_lr(self.optimizer, lr_factor(self.state["stage_step"], stage_steps, cfg.warmup_steps))
-            loss = train_step(
+            loss = take_step(
                 self.ddp,
                 self.optimizer,
                 batch["image"],
@@ -224,14 +251,11 @@ class _Worker:
                 "cuda" if on_gpu else None,
                 objective,
             )
-            n = len(batch["image"])
-            loss_sum += loss * n
-            n_samples += n
-            for k, v in objective.parts.items():
-                self.loss_parts[k] = self.loss_parts.get(k, 0.0) + v * n
+            tally.add(loss, len(batch["image"]), objective.terms)
             self.state["step"] += 1
             self.state["stage_step"] += 1
-        return loss_sum / max(n_samples, 1), n_samples
+        self.loss_parts = tally.part_means()
+        return tally.mean(), tally.samples
 
     def validate_and_report(self, epoch: int, loss: float, n_samples: int, t0: float) -> None:
         """Validate, tune thresholds and checkpoint on rank 0; every rank reports (Ray's barrier)."""
@@ -253,7 +277,7 @@ class _Worker:
             "train_seconds": train_seconds,
             "samples_per_s": n_samples * self.world / max(train_seconds, 1e-9),
             "stage": self.model.stage,
-            **{f"loss_{k}": v / max(n_samples, 1) for k, v in self.loss_parts.items()},  # rank 0's shard
+            **{f"loss_{k}": v for k, v in self.loss_parts.items()},  # rank 0's shard
             **self.model.head.summary(),  # tau, bias where the head has them
             **{f"val_{k}": float(v) for k, v in full.items() if k != "per_class_ap"},
             "val_per_class_ap": full["per_class_ap"],

@@ -6,8 +6,10 @@ step. Prints numbers; asserts nothing; not collected by pytest.
 Steps, each in a fresh Ray worker process as the pipeline would pay it:
   ray.init (a local cluster), a bare actor up (process start, no imports), what a read / fetch task imports
   (pipelines.retag.dataset, .fetch), what an inference actor imports (pipelines.retag.infer: torch and
-  open_clip), the model load from its folder (Scorer.load), the warm-up image, the first batch; then a
-  whole `run_retag` over --images generated JPEGs with its first_output_seconds.
+  open_clip), then in one actor: the imports one by one (torch, torchvision and timm, which open_clip
+  imports, open_clip, mumic_core), the model load from its folder (checkpoint.load, and for comparison the
+  random init it no longer runs), Scorer, the warm-up image, the first batches; then a whole `run_retag`
+  over --images generated JPEGs (0: none) with its first_output_seconds. --backbone ViT-B-32 for a real size.
 """
 
 from __future__ import annotations
@@ -37,30 +39,42 @@ def timed_import(module: str) -> tuple[float, bool]:
 
 
 class Probe:
-    """An actor that times what `pipelines.retag.infer.Predictor.__init__` and its first call do."""
+    """An actor that times, step by step, what `pipelines.retag.infer.Predictor.__init__` and its first
+    calls do (each import step counts only what the ones before it did not bring)."""
 
     def steps(self, model_dir: str, threads: int) -> dict[str, float]:
         out: dict[str, float] = {}
-        t = time.perf_counter()
+        for module in ("torch", "torchvision", "timm", "open_clip", "mumic_core.scoring"):
+            seconds, _ = timed_import(module)
+            out[f"import {module}"] = seconds
         import numpy as np
+        import torch
 
+        from mumic_core import checkpoint
+        from mumic_core.model import ModelConfig, MuMIC
         from mumic_core.scoring import Scorer
+        from mumic_core.taxonomy import Taxonomy
 
-        out["import torch + open_clip + scoring"] = time.perf_counter() - t
+        torch.set_num_threads(threads)
+        cfg = checkpoint.read_config(model_dir)
         t = time.perf_counter()
-        scorer = Scorer.load(model_dir, device="cpu", num_threads=threads)
-        out["Scorer.load (model folder → model)"] = time.perf_counter() - t
+        MuMIC(ModelConfig.from_dict(cfg["model"]), Taxonomy.from_dict(cfg["taxonomy"]))
+        out["(before: building the model with its random init, no longer done)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        model = checkpoint.load(model_dir)
+        out["checkpoint.load (read, sha256, build without random init, weights)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scorer = Scorer(model, device="cpu")
+        out["Scorer(model) (device, class embeddings, precision)"] = time.perf_counter() - t
         size = scorer.image_size
         t = time.perf_counter()
         scorer.predict(np.zeros((1, 3, size, size), np.uint8))
-        out["warm-up image (in __init__ since this change)"] = time.perf_counter() - t
+        out["warm-up image (Predictor.__init__)"] = time.perf_counter() - t
         pixels = np.random.default_rng(0).integers(0, 256, (BATCH, 3, size, size), dtype=np.uint8)
-        t = time.perf_counter()
-        scorer.predict(pixels)
-        out[f"first batch of {BATCH}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scorer.predict(pixels)
-        out[f"second batch of {BATCH}"] = time.perf_counter() - t
+        for which in ("first", "second"):
+            t = time.perf_counter()
+            scorer.predict(pixels)
+            out[f"{which} batch of {BATCH}"] = time.perf_counter() - t
         return out
 
 
@@ -81,7 +95,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mumic-startup-"))
     torch.manual_seed(0)
     checkpoint.save(MuMIC.create(synthetic.taxonomy(), backbone=args.backbone), work / "model")
-    rows = synthetic.write_dataset(work / "images", args.images, seed=5)
+    rows = synthetic.write_dataset(work / "images", max(args.images, 1), seed=5)
     pq.write_table(
         pa.table({"image_id": [r["image_id"] for r in rows], "uri": [r["uri"] for r in rows]}),
         work / "images" / "catalog.parquet",
@@ -110,6 +124,8 @@ def main() -> None:
         ray.kill(probe)
         ray.kill(bare)
 
+        if not args.images:
+            return
         from pipelines.retag import run_retag
 
         t = time.perf_counter()

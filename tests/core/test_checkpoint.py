@@ -320,3 +320,110 @@ def test_weights_of_the_wrong_shape_are_a_model_error(folder, tiny_model_untrain
     edit_config(folder, lambda c: c.pop("weights_sha256"))
     with pytest.raises(ModelError, match="saved weights do not fit the config: .*size mismatch"):
         checkpoint.load(folder)
+
+
+# ---- loading without random init: the same model, bit for bit, for every head ---------------------------
+
+import numpy as np  # noqa: E402
+from safetensors.torch import load as st_load  # noqa: E402
+
+from mumic_core import synthetic  # noqa: E402
+from mumic_core.heads import HEAD_NAMES  # noqa: E402
+from mumic_core.model import ModelConfig, MuMIC, NoRandomInit  # noqa: E402
+from mumic_core.scoring import Scorer  # noqa: E402
+from mumic_core.taxonomy import Taxonomy  # noqa: E402
+
+SMALL_DECODER = {"dim": 64, "ffn": 128, "heads": 4}
+
+
+def head_model(head: str, stage: int = 1, seed: int = 3) -> MuMIC:
+    torch.manual_seed(seed)
+    options = SMALL_DECODER if head == "clip_decoder" else {}
+    model = MuMIC.create(synthetic.taxonomy(), backbone="mumic-tiny", head=head, head_options=options)
+    if stage != 1:
+        model.begin_stage(stage)  # mkt stage 2: classes scored through the learned prompt context
+    model.set_thresholds([0.2 + 0.07 * i for i in range(len(model.taxonomy))])
+    return model.eval()
+
+
+def loaded_as_before(folder) -> MuMIC:
+    """How a folder was loaded before NoRandomInit: a randomly initialised model, the weights copied in."""
+    cfg = checkpoint.read_config(folder)
+    model = MuMIC(ModelConfig.from_dict(cfg["model"]), Taxonomy.from_dict(cfg["taxonomy"]))
+    model.load_state_dict(st_load((folder / checkpoint.WEIGHTS).read_bytes()))
+    model.set_train_mode(model.config.train_mode)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("head", "stage"), [*((h, 1) for h in HEAD_NAMES), ("mkt", 2)])
+def test_a_load_without_random_init_scores_and_embeds_exactly_as_the_saved_model(tmp_path, head, stage):
+    model = head_model(head, stage)
+    checkpoint.save(model, tmp_path / "m")
+    loaded, before = checkpoint.load(tmp_path / "m"), loaded_as_before(tmp_path / "m")
+    for other in (loaded, before):
+        assert other.state_dict().keys() == model.state_dict().keys()
+        for key, value in model.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+    # the buffers no file holds (the text tower's causal mask, the pixel statistics) are built as before
+    persistent = model.state_dict().keys()
+    for (name, buf), (_, again) in zip(model.named_buffers(), loaded.named_buffers(), strict=True):
+        if name not in persistent:
+            assert torch.equal(buf, again), name
+    x = batch(2).numpy()
+    a, b = Scorer(model).predict(x), Scorer.load(tmp_path / "m", device="cpu").predict(x)
+    assert np.array_equal(a.scores, b.scores)  # atol 0
+    assert np.array_equal(a.embeddings, b.embeddings)
+    assert np.array_equal(a.thresholds, b.thresholds)
+    assert torch.equal(model.class_embeddings(), loaded.class_embeddings())
+
+
+def test_a_loaded_model_owns_writable_weights_that_train_and_save_again(tmp_path):
+    model = head_model("mumic")
+    checkpoint.save(model, tmp_path / "m")
+    one, two = checkpoint.load(tmp_path / "m"), checkpoint.load(tmp_path / "m")
+    weight = one.clip.visual.conv1.weight
+    assert weight.data_ptr() != two.clip.visual.conv1.weight.data_ptr()
+    assert weight.requires_grad  # train_mode "both": as a fresh model
+    with torch.no_grad():
+        weight.add_(1.0)  # an optimizer step, in place
+    assert torch.equal(two.clip.visual.conv1.weight, model.clip.visual.conv1.weight)
+    checkpoint.save(one, tmp_path / "again")
+    assert torch.equal(checkpoint.load(tmp_path / "again").clip.visual.conv1.weight, weight)
+
+
+def test_weights_saved_in_another_dtype_load_cast_to_the_models_as_a_copy_would(folder, tiny_model_untrained):
+    from safetensors.torch import save as st_save
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in tiny_model_untrained.state_dict().items()}
+    (folder / "model.safetensors").write_bytes(st_save({k: v.contiguous() for k, v in state.items()}))
+    edit_config(folder, lambda c: c.pop("weights_sha256"))
+    loaded = checkpoint.load(folder)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert torch.equal(loaded.clip.visual.conv1.weight, state["clip.visual.conv1.weight"].float())
+
+
+def test_tied_weights_stay_tied_through_a_load():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4)
+            self.b = torch.nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    source, target = Tied(), Tied()
+    checkpoint._load_state(target, {k: v.clone() for k, v in source.state_dict().items()})
+    assert target.b.weight is target.a.weight
+    assert torch.equal(target.a.weight, source.a.weight)
+
+
+def test_no_random_init_is_only_for_the_load_and_fresh_models_still_initialise():
+    with NoRandomInit():
+        skipped = torch.nn.init.normal_(torch.zeros(64), std=1.0)
+    assert not skipped.any()  # the fill was left out
+    a, b = head_model("clip_decoder", seed=1), head_model("clip_decoder", seed=2)  # what `mumic train` builds
+    for model in (a, b):
+        weights = model.head.decoder.state_dict()
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert not torch.equal(a.clip.visual.conv1.weight, b.clip.visual.conv1.weight)  # seeded, random init
+    assert not torch.equal(a.head.embed_tokens.weight, b.head.embed_tokens.weight)
+    assert 0.005 < float(a.clip.visual.conv1.weight.std()) < 1.0  # drawn, not left unfilled
