@@ -4,6 +4,7 @@ crash repair — and the error ceiling that keeps an outage from being committed
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -185,20 +186,22 @@ def test_an_outage_above_the_error_ceiling_commits_nothing_and_the_rerun_complet
     assert (again["status"], again["rows_ok"], again["rows_error"]) == ("committed", 6, 0)
 
 
-def test_the_cli_exits_non_zero_with_the_counts_by_reason_above_the_ceiling(images, tiny_model_dir, tmp_path):
+def test_the_cli_exits_non_zero_with_the_counts_by_reason_above_the_ceiling(images, tiny_model_dir, ray_cluster, tmp_path):
     _, rows = images
     catalog = write_catalog(tmp_path, "c.parquet", [dict(r, uri=str(tmp_path / "nope.jpg")) for r in rows[:3]])
+    # on the session's cluster (starting a local one per process costs ~10 s each)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     r = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "retag", "--catalog", catalog, "--model", str(tiny_model_dir),
          "--output", str(tmp_path / "out"), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mumic: error:")]
     assert r.returncode == 1 and len(errors) == 1 and "not_found 3" in errors[0], r.stderr[-2000:]
     ok = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "retag", "--catalog", catalog, "--model", str(tiny_model_dir),
          "--output", str(tmp_path / "out2"), "--no-progress", "--max-error-rate", "1"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
 

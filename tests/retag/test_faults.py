@@ -286,7 +286,9 @@ def _image_faults(proxy) -> Counter:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("share", [0.10, 0.30])
+# 30 % only: it holds the 10 % case's claims (every row once, each error an `unavailable` row after 6
+# failed GETs) at three times the faults; 10 % ran too until the suite went over its time
+@pytest.mark.parametrize("share", [0.30])
 def test_a_flaky_object_store_is_absorbed_by_the_read_retries(share, s3_images, tiny_model_dir, fault_proxy):
     """`share` of the image GETs fail (503 SlowDown, connection reset) or stall (0.2 s), seeded: the one
     retry layer (6 attempts, 60 s budget, backoff with jitter) absorbs it, and the run commits every row

@@ -160,7 +160,9 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name", CLI_CASES)
+# as a process (what a user's shell sees: nothing else on stderr, no traceback) for two of them; all of
+# them through the command's own entry point in this process (a process costs seconds of imports)
+@pytest.mark.parametrize("name", ["latin-1 id", "random bytes as csv"])
 def test_mumic_retag_on_a_hostile_catalog_prints_one_error_line_and_exits_non_zero(
     tmp_path, tiny_model_dir, name
 ):
@@ -174,3 +176,20 @@ def test_mumic_retag_on_a_hostile_catalog_prints_one_error_line_and_exits_non_ze
     assert len(lines) == 1, done.stderr[-2000:]
     assert lines[0].startswith("mumic: error: catalog ") and str(path) in lines[0]
     assert "Traceback" not in done.stderr and not done.stdout.strip()
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_the_retag_command_on_a_hostile_catalog_is_one_error_line_and_a_non_zero_code(
+    tmp_path, tiny_model_dir, name, capsys
+):
+    from jobs import cli
+
+    path = write(tmp_path, name)
+    code = cli.main(["retag", "--catalog", str(path), "--model", str(tiny_model_dir), "--output",
+                     str(tmp_path / "out"), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code != 0
+    lines = err.splitlines()
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith("mumic: error: catalog ") and str(path) in lines[0]
+    assert "Traceback" not in err and not out.strip()
