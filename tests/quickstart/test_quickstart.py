@@ -1,5 +1,9 @@
 """A newcomer's path, end to end, as the README gives it: `mumic quickstart` (no services, no network),
-then `mumic search` for a generated label, then the documented DuckDB query on the output tables."""
+then `mumic search` for a generated label, then the documented DuckDB query on the output tables.
+
+The newcomer's shell holds cloud credentials (fake ones here): none of them may appear in what the
+quickstart prints, its report or any file of its workdir (the MLflow store and artifacts included).
+tests/registry/test_no_secrets.py checks the other commands against a password-carrying tracking URI."""
 
 import ast
 import json
@@ -12,6 +16,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+CREDENTIALS = {  # what a newcomer's shell may hold: fake values, none of which may leave
+    "AWS_ACCESS_KEY_ID": "AKIAQUICKSTARTFAKE01",
+    "AWS_SECRET_ACCESS_KEY": "quickstart-fake-secret-never-logged",
+    "AWS_SESSION_TOKEN": "QUICKSTART-FAKE-SESSION-TOKEN",
+    "MLFLOW_TRACKING_TOKEN": "QUICKSTART-FAKE-MLFLOW-TOKEN",
+}
+
+
+def _leaks(data: bytes) -> list[str]:
+    return [k for k, v in CREDENTIALS.items() if v.encode() in data]
+
 
 def mumic_exe() -> str:
     exe = Path(sys.executable).parent / "mumic"
@@ -22,6 +37,7 @@ def mumic_exe() -> str:
 def test_newcomer_path_quickstart_then_search_then_duckdb(tmp_path):
     workdir = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(CREDENTIALS)
     r = subprocess.run(
         [mumic_exe(), "quickstart", "--workdir", str(workdir)],
         capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path,
@@ -32,6 +48,10 @@ def test_newcomer_path_quickstart_then_search_then_duckdb(tmp_path):
     assert "report" in r.stdout and "Try next" in r.stdout
     html = (workdir / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 2  # charts and the contact sheet are embedded
+    assert _leaks((r.stdout + r.stderr).encode()) == []
+    files = [p for p in workdir.rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "MLmodel" for p in files)
+    assert [p for p in files if _leaks(p.read_bytes()) or _leaks(str(p).encode())] == []
 
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     ann = pq.read_table(workdir / "data" / "annotations.parquet").to_pylist()

@@ -198,12 +198,12 @@ def test_the_cli_exits_non_zero_with_the_counts_by_reason_above_the_ceiling(imag
     )
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("mumic: error:")]
     assert r.returncode == 1 and len(errors) == 1 and "not_found 3" in errors[0], r.stderr[-2000:]
-    ok = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "retag", "--catalog", catalog, "--model", str(tiny_model_dir),
-         "--output", str(tmp_path / "out2"), "--no-progress", "--max-error-rate", "1"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    from jobs.cli import main
+
+    # the ceiling lifted: the same command exits 0 (run in this process: one interpreter start less)
+    ok = main(["retag", "--catalog", catalog, "--model", str(tiny_model_dir), "--output", str(tmp_path / "out2"),
+               "--no-progress", "--max-error-rate", "1"])
+    assert ok == 0
 
 
 def test_a_run_whose_staging_is_not_exactly_once_commits_nothing_and_says_what_to_do(

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_env
 
 from mumic_core import synthetic
 from pipelines import tables
@@ -120,6 +121,7 @@ def _is_ray_worker(pid: int) -> bool:
 # ---- 1. an inference actor killed mid-run ---------------------------------------------------------------
 
 N_ACTOR = 240
+N_DRIVER = 96  # the driver-kill test's first rows of the same catalog
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +202,9 @@ def test_a_driver_killed_mid_run_is_resumed_by_the_rerun_with_every_row_once(
     """`mumic retag` (a real process, on the session's Ray cluster) SIGKILLed once its first part is
     staged; the same command again resumes: the staged rows are not read again, the rest are, and the
     one commit holds every row once. (test_reaping.py checks the processes a killed local Ray leaves.)"""
-    catalog_path, rows = local_catalog
+    rows = local_catalog[1][:N_DRIVER]  # the rerun reads what the kill left: fewer rows, a shorter test
+    catalog_path = local_catalog[0].with_name("catalog-driver.parquet")  # beside it: its uris are relative
+    pq.write_table(pa.Table.from_pylist([{"image_id": r["image_id"], "uri": r["uri"]} for r in rows]), catalog_path)
     output, run_id = tmp_path / "out", "driver-kill"
     args = _cli("--catalog", str(catalog_path), "--model", str(tiny_model_dir), "--output", str(output),
                 "--run-id", run_id, "--batch-size", "4", "--rows-per-part", "8", "--concurrency", "1")
@@ -228,8 +232,8 @@ def test_a_driver_killed_mid_run_is_resumed_by_the_rerun_with_every_row_once(
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     summary = _summary(rerun.stdout)
     assert summary["status"] == "committed"
-    assert 0 < summary["rows_resumed"] < N_ACTOR  # killed mid-run: some rows staged, not all
-    assert summary["rows_resumed"] + summary["rows_processed"] == N_ACTOR  # no row read twice
+    assert 0 < summary["rows_resumed"] < N_DRIVER  # killed mid-run: some rows staged, not all
+    assert summary["rows_resumed"] + summary["rows_processed"] == N_DRIVER  # no row read twice
     figures = exactly_once(str(output), run_id, [r["image_id"] for r in rows])
     print(f"\ndriver killed {t1 - t0:.1f}s after its start with {staged_at_kill} part(s) staged; rerun "
           f"resumed {summary['rows_resumed']} rows and processed {summary['rows_processed']} in "
@@ -255,7 +259,7 @@ def fault_rules(share: float, method: str | None = "GET", key: str | None = IMAG
 
 
 @pytest.fixture(scope="module")
-def s3_images(s3_server, tmp_path_factory):
+def s3_images(s3_server, ray_cluster, tmp_path_factory):
     """N_S3 generated images and a Parquet catalog (uris relative to it) in a fresh bucket, uploaded
     straight to the S3 server (not through the proxy)."""
     import boto3
@@ -274,11 +278,13 @@ def s3_images(s3_server, tmp_path_factory):
 
 
 def _flaky_run(bucket: str, model: Path, output: str, run_id: str) -> subprocess.CompletedProcess:
-    """`mumic retag` as its own process with its own local Ray, every process of which (driver, fetch
-    tasks, actors) reads AWS_ENDPOINT_URL = the proxy from its environment: the nightly job's setup."""
+    """`mumic retag` as its own process on the session's Ray cluster, started the way a submitted job is,
+    with AWS_ENDPOINT_URL = the proxy in its runtime env: every process of the run (driver, fetch tasks,
+    actors) goes through the proxy."""
+    env = job_env(AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])  # the proxy (the fault_proxy fixture's)
     args = _cli("--catalog", f"s3://{bucket}/catalog/catalog.parquet", "--model", str(model), "--output", output,
                 "--run-id", run_id, "--batch-size", "16")
-    return subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=PROC_TIMEOUT_S)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=PROC_TIMEOUT_S)
 
 
 def _image_faults(proxy) -> Counter:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import job_env
 from deltalake import CommitProperties, DeltaTable
 
 from mumic_core import synthetic
@@ -369,8 +370,8 @@ def test_a_run_killed_mid_night_resumes_and_stages_every_row_once(where, night1,
 
 @pytest.mark.slow
 def test_an_s3_night_gets_only_the_objects_that_changed(s3_server, tiny_model_dir, ray_cluster, fault_proxy, tmp_path):
-    """Night 1 in this process; night 2 as `mumic retag` through the fault proxy, which counts every
-    request its Ray workers send: one GET per new or rewritten object, none for the rest, no HEAD."""
+    """Night 1 in this process; night 2 as `mumic retag` (a job on the session's cluster whose runtime env
+    points its workers at the fault proxy) through the proxy, which counts every request its Ray workers send: one GET per new or rewritten object, none for the rest, no HEAD."""
     import boto3
 
     direct = boto3.client("s3", endpoint_url=s3_server)
@@ -386,7 +387,7 @@ def test_an_s3_night_gets_only_the_objects_that_changed(s3_server, tiny_model_di
     direct.put_object(Bucket=bucket, Key=first, Body=same_size_other_bytes(body))  # same size, new ETag
     direct.upload_file(str(tmp_path / rows[1]["uri"]), bucket, "imgs/new.jpg")
     fault_proxy.clear()
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = job_env(AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"])  # its workers count through the proxy
     done = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "retag", "--catalog", prefix, "--model", str(tiny_model_dir),
          "--output", output, "--run-id", "n2", "--json", "--no-progress"],

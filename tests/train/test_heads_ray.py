@@ -1,7 +1,8 @@
 """Every head end to end on a real Ray cluster and a real MLflow sqlite store: 2 CPU workers train it on
 generated images, the best epoch is registered, loaded by its alias, re-tags a catalog into the Delta
 tables (every contract column), serves `mumic tag --labels` and the pyfunc, and survives a save/load
-round trip with identical scores. MKT runs both its stages, and stage 2 again from the registered model.
+round trip with identical scores. MKT runs both its stages, and stage 2 alone from a registered stage-1
+model (an untrained MKT model, registered by the test).
 
 One short training run per head (module fixture, 1 epoch per stage: plumbing, not quality).
 """
@@ -218,15 +219,24 @@ def test_mkt_stage_2_alone_prompt_tunes_the_registered_model(dataset, ray_cluste
     and text tower exactly as they were."""
     import torch
 
-    from pipelines.registry import resolve_model
+    from mumic_core.model import MuMIC
+    from pipelines.registry import log_model_version, resolve_model, tracking
     from pipelines.train import TrainError, train
 
-    first = train(_config("mkt", dataset, tmp_path, stage=1, run_name="mkt-stage1"))
-    assert [h["stage"] for h in first.history] == [1]
-    ref = f"models:/tiny-mkt/{first.model_version}"
+    # the registered model stage 2 continues: an MKT model as stage 1 leaves it (not prompt-tuned), saved
+    # and registered here rather than trained (the parametrized test above trains both stages)
+    torch.manual_seed(0)
+    stage_1 = MuMIC.create(synthetic.taxonomy(unseen=UNSEEN), backbone="mumic-tiny", head="mkt")
+    checkpoint.save(stage_1, tmp_path / "stage-1")
+    uri = tracking.tracking_uri(str(tmp_path))
+    client = tracking.client(uri)
+    run = client.create_run(client.create_experiment("mkt-stage-1"), run_name="mkt-stage1")
+    version = log_model_version(str(tmp_path / "stage-1"), "tiny-mkt", run.info.run_id, tracking_uri=uri)
+    client.set_terminated(run.info.run_id)
+    ref = f"models:/tiny-mkt/{version}"
     second = train(_config("mkt", dataset, tmp_path, stage=2, init=ref, run_name="mkt-stage2"))
     assert [h["stage"] for h in second.history] == [2]
-    before = checkpoint.load(resolve_model(ref, tracking_uri=first.tracking_uri).uri)
+    before = checkpoint.load(resolve_model(ref, tracking_uri=second.tracking_uri).uri)
     after = checkpoint.load(second.model_dir)
     assert after.config.head_options.prompt_tuned and not before.config.head_options.prompt_tuned
     old, new = before.state_dict(), after.state_dict()
