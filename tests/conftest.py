@@ -114,7 +114,7 @@ def tiny_model_untrained(taxonomy):
 
 @pytest.fixture(scope="session")
 def trained_tiny(taxonomy, tmp_path_factory):
-    """A tiny model trained on generated images (6 epochs, at most 55 s), saved as a model folder.
+    """A tiny model trained on generated images (4 epochs, ~20 s here, at most 55 s), saved as a model folder.
 
     Returns (model, folder, metrics on held-out generated images).
     """
@@ -132,7 +132,8 @@ def trained_tiny(taxonomy, tmp_path_factory):
     test_imgs, y_test = synthetic.make_arrays(384, seed=2)
     x_train = np.stack([preprocess(im, size) for im in train_imgs])
     x_test = np.stack([preprocess(im, size) for im in test_imgs])
-    cfg = OptimConfig(epochs=6, batch_size=64, lr_image=2e-3, lr_text=2e-3)
+    # 4 epochs: held-out mAP 0.979 (6 epochs: 0.996 in 28 s; the test asks for 0.9)
+    cfg = OptimConfig(epochs=4, batch_size=64, lr_image=2e-3, lr_text=2e-3)
     run = fit(model, x_train, y_train, cfg, time_budget_s=55)
     scores, _ = predict(model, x_test)
     report = metrics.evaluate_all(scores, y_test, class_names=taxonomy.names)

@@ -29,7 +29,7 @@ CONFIG = {
     "name": "tiny-grid",
     "generate": {"n_images": 160, "seed": 0, "size": 64},
     "unseen": UNSEEN,
-    "base": {"backbone": "mumic-tiny", "workers": 2, "epochs": 1, "batch_size": 16, "warmup_steps": 2,
+    "base": {"backbone": "mumic-tiny", "workers": 1, "epochs": 1, "batch_size": 16, "warmup_steps": 2,
              "lr_image": 3e-3, "lr_text": 3e-3},
     "grid": {"loss": ["plain_bce", "focal"]},
     "experiment": "ablate-test",
@@ -175,7 +175,7 @@ def test_train_init_warm_starts_from_a_saved_model_with_an_added_and_a_dropped_l
     (tmp_path / "taxonomy.json").write_text(json.dumps(new.to_dict()))
     tiny = ["--lr-image", "1e-12", "--lr-text", "1e-12", "--lr-head", "1e-12", "--weight-decay", "0"]
     code = main(["train", "--annotations", str(tmp_path / "fresh.parquet"), "--taxonomy", str(tmp_path / "taxonomy.json"),
-                 "--init", source, "--workers", "2", "--epochs", "1", "--batch-size", "16", *tiny,
+                 "--init", source, "--workers", "1", "--epochs", "1", "--batch-size", "16", *tiny,
                  "--workdir", str(ablated["root"]), "--experiment", "warm-test", "--run-name", "warm", "--json"])
     captured = capsys.readouterr()
     assert code == 0, captured.err

@@ -38,9 +38,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ("docs/output-tables.md", "README.md", "docs/contract.md", "docs/operations.md")
-# processes per snippet: an abort at exit is a race. 3 in the suite (the reads that raced are forbidden by
+# processes per snippet: an abort at exit is a race. 2 in the suite (the reads that raced are forbidden by
 # test_snippets_use_reads_that_exit_cleanly; these runs catch a new one); MUMIC_DOC_RUNS=30 to hunt for one
-RUNS = int(os.environ.get("MUMIC_DOC_RUNS", "3"))
+RUNS = int(os.environ.get("MUMIC_DOC_RUNS", "2"))
 IMAGE = "img-11-000003"  # the docs' example image id: tagged by run A, skipped as unchanged by run B
 FENCE = re.compile(r"^```python(?:[ \t]+([\w-]+))?[ \t]*\n(.*?)^```", re.M | re.S)
 OUTPUT_LINE = re.compile(r'^output = "[^"\n]*"', re.M)
