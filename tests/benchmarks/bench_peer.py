@@ -202,7 +202,7 @@ def labelled_map(budget_s: float = 30.0) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=64)  # the batch
     parser.add_argument("--labels", type=int, default=32)
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mumic-peer"))
     parser.add_argument("--skip-peer", action="store_true", help="mumic only (no clip-retrieval venv)")
