@@ -371,7 +371,8 @@ def test_a_run_killed_mid_night_resumes_and_stages_every_row_once(where, night1,
 @pytest.mark.slow
 def test_an_s3_night_gets_only_the_objects_that_changed(s3_server, tiny_model_dir, ray_cluster, fault_proxy, tmp_path):
     """Night 1 in this process; night 2 as `mumic retag` (a job on the session's cluster whose runtime env
-    points its workers at the fault proxy) through the proxy, which counts every request its Ray workers send: one GET per new or rewritten object, none for the rest, no HEAD."""
+    points its workers at the fault proxy) through the proxy, which counts every request its Ray workers
+    send: one GET per new or rewritten object, none for the rest, no HEAD."""
     import boto3
 
     direct = boto3.client("s3", endpoint_url=s3_server)

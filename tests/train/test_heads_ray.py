@@ -229,10 +229,11 @@ def test_mkt_stage_2_alone_prompt_tunes_the_registered_model(dataset, ray_cluste
     stage_1 = MuMIC.create(synthetic.taxonomy(unseen=UNSEEN), backbone="mumic-tiny", head="mkt")
     checkpoint.save(stage_1, tmp_path / "stage-1")
     uri = tracking.tracking_uri(str(tmp_path))
-    client = tracking.client(uri)
-    run = client.create_run(client.create_experiment("mkt-stage-1"), run_name="mkt-stage1")
-    version = log_model_version(str(tmp_path / "stage-1"), "tiny-mkt", run.info.run_id, tracking_uri=uri)
-    client.set_terminated(run.info.run_id)
+    client = tracking.client(uri)  # artifacts beside the store, as a training run keeps them (not ./mlruns)
+    experiment = tracking.ensure_experiment(client, "mkt-stage-1", tracking.default_artifact_location(uri, str(tmp_path)))
+    run_id, _ = tracking.start_run(client, experiment, "mkt-stage1")
+    version = log_model_version(str(tmp_path / "stage-1"), "tiny-mkt", run_id, tracking_uri=uri)
+    client.set_terminated(run_id)
     ref = f"models:/tiny-mkt/{version}"
     second = train(_config("mkt", dataset, tmp_path, stage=2, init=ref, run_name="mkt-stage2"))
     assert [h["stage"] for h in second.history] == [2]
