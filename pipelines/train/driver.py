@@ -156,8 +156,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     _start_tracking(run)
     result = _fit(run)
     best, best_metrics = _best(result, "score")
-    with (result.checkpoint or best).as_directory() as folder, open(os.path.join(folder, STATE)) as f:
-        history = json.load(f)["history"]
+    history = _state_of(result.checkpoint or best)["history"]
     model_dir = f"{_checkpoint_uri(best).rstrip('/')}/{MODEL_DIR}"
     selected = best_metrics[f"val_{cfg.select_metric}"]
     say(f"best epoch {best_metrics['epoch']} (val {cfg.select_metric} {selected:.4f}): {model_dir}")
@@ -265,6 +264,9 @@ def _fit(run: _Run):
         class_weights = class_frequency_weights(
             torch.as_tensor(run.train_labels), torch.as_tensor(run.train_mask)
         ).tolist()
+    finished = _finished(run)
+    if finished is not None:
+        return finished
     trainer = build_trainer(
         cfg,
         run.taxonomy,
@@ -285,6 +287,31 @@ def _fit(run: _Run):
     except Exception as e:  # TrainingFailedError and friends: one line, the run marked failed
         run.client.set_terminated(run.run_id, "FAILED")
         raise TrainError(f"training run {run.name!r} failed: {_one_line(e)}") from e
+
+
+def _state_of(ckpt) -> dict:
+    """A checkpoint's train state (epoch, step, history), read alone: not the model and optimizer files
+    beside it, which `as_directory()` would download from S3 first."""
+    with ckpt.filesystem.open_input_stream(f"{ckpt.path.rstrip('/')}/{STATE}") as f:
+        return json.loads(f.read())
+
+
+def _finished(run: _Run):
+    """The Ray Train result of this run name when its checkpoints already hold every epoch the config
+    asks for (a rerun of a finished run): the driver evaluates and registers from it without starting a
+    worker group, which would only find nothing left to train. None when there is no such run or
+    epochs remain; then Ray Train resumes it (or starts it) as usual."""
+    try:
+        result = ray.train.Result.from_path(f"{run.storage_path.rstrip('/')}/{run.name}")
+    except (RuntimeError, FileNotFoundError):  # no folder, or no checkpoint-manager snapshot in it yet
+        return None
+    if result.checkpoint is None:
+        return None
+    done = len(_state_of(result.checkpoint)["history"])
+    if done < len(run.cfg.stages()):
+        return None
+    say(f"run {run.name!r} has all {done} epochs checkpointed: nothing to train, no worker group started")
+    return result
 
 
 def _evaluate_best(run: _Run, model_dir: str, best_epoch: int, history: list[dict]) -> dict:

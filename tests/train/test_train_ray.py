@@ -331,7 +331,7 @@ def _parse_evaluate_output(out: str) -> tuple[dict, dict, dict, int]:
     return printed, per_class, positives, n_images
 
 
-def test_rerunning_the_same_run_name_resumes_and_registers_nothing_new(trained):
+def test_rerunning_the_same_run_name_resumes_and_registers_nothing_new(trained, capfd):
     from pipelines.train import train
 
     result, cfg, _ = trained
@@ -342,7 +342,11 @@ def test_rerunning_the_same_run_name_resumes_and_registers_nothing_new(trained):
     assert sum(k.endswith("/train_state.json") for k in checkpoints_before) >= 1
 
     cfg.fault = None
-    again = train(cfg)  # Ray finds the finished run's checkpoints: no epoch trains again
+    capfd.readouterr()
+    again = train(cfg)  # the finished run's checkpoints hold every epoch: nothing trains again
+    printed = "".join(capfd.readouterr())
+    assert f"run {cfg.run_name!r} has all {EPOCHS} epochs checkpointed: nothing to train, no worker group" in printed
+    assert "Started training worker group" not in printed
     assert again.run_id == result.run_id
     assert again.epochs == EPOCHS and again.model_version == result.model_version
     assert len(_client(result).search_model_versions(f"name = '{MODEL_NAME}'")) == 1
