@@ -25,7 +25,7 @@ from pipelines.retag.staging import RunStaging
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "MUMIC_TEST_REAP"  # in the killed driver's environment, so in every process its Ray started
-N_IMAGES = 1200  # enough that its workers are still staging when the first part lands
+N_IMAGES = 400  # enough that its workers are still staging when the first part lands (8 parts of 50)
 TIMEOUT_S = 240
 
 DRIVER = r"""
