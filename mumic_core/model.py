@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +38,21 @@ from .taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-open_clip.add_model_config(MODEL_CONFIG_DIR)  # registers `mumic-tiny` (and any JSON shipped there)
+_open_clip: Any = None
+
+
+def open_clip_module():
+    """open_clip, imported on first use, with `mumic-tiny` (and any JSON shipped in MODEL_CONFIG_DIR)
+    registered. Not at import: open_clip brings torchvision and, through it, torch._dynamo (~2 s of CPU),
+    which a process that only reads and checks saved configs (a retag driver, `mumic vacuum`) never uses."""
+    global _open_clip
+    if _open_clip is None:
+        import open_clip
+
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+        _open_clip = open_clip
+    return _open_clip
+
 
 TRAIN_MODES = ("both", "image", "frozen")
 HEADS = heads.HEAD_NAMES
@@ -197,7 +210,7 @@ def _size(cfg: dict[str, Any], key: str, default: float) -> float:
 
 def resolve_arch(backbone: str) -> dict[str, Any]:
     """open_clip architecture dict for a registered name or an architecture JSON file (local or URI)."""
-    cfg = open_clip.get_model_config(backbone)
+    cfg = open_clip_module().get_model_config(backbone)
     if cfg is not None:
         return copy.deepcopy(cfg)
     if backbone.endswith(".json"):
@@ -227,6 +240,7 @@ def build_clip(arch: dict[str, Any]) -> nn.Module:
     custom_text = cfg.pop("custom_text", False) or "hf_model_name" in cfg.get("text_cfg", {})
     if "hf_model_name" in cfg.get("text_cfg", {}):
         cfg["text_cfg"]["hf_model_pretrained"] = False
+    open_clip = open_clip_module()
     cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
     try:
         return cls(**cfg)
@@ -261,6 +275,7 @@ class NoRandomInit(TorchFunctionMode):
 
 
 def build_tokenizer(arch: dict[str, Any]):
+    open_clip = open_clip_module()
     text_cfg = arch.get("text_cfg", {})
     ctx = text_cfg.get("context_length", 77)
     if "hf_tokenizer_name" in text_cfg:
@@ -310,6 +325,7 @@ def load_pretrained(clip: nn.Module, backbone: str, pretrained: str) -> dict[str
     Returns preprocessing overrides (mean/std) that the pretrained weights were trained with.
     Files are read with safetensors or `torch.load(weights_only=True)`: nothing is unpickled.
     """
+    open_clip = open_clip_module()
     tag_cfg = open_clip.get_pretrained_cfg(backbone, pretrained) if "://" not in pretrained else {}
     if tag_cfg:
         path = open_clip.download_pretrained(tag_cfg)  # needs network access to the tag's hub

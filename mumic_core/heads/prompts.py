@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 
 
@@ -77,6 +76,8 @@ class PromptContext(nn.Module):
         x = x + clip.positional_embedding.to(cast)
         x = clip.transformer(x, attn_mask=clip.attn_mask)
         x = clip.ln_final(x)
+        from open_clip.transformer import text_global_pool  # a clip exists: open_clip is imported already
+
         x = text_global_pool(x, tokens, clip.text_pool_type, eos_token_id=getattr(clip, "text_eos_id", None))
         if isinstance(clip.text_projection, nn.Linear):
             x = clip.text_projection(x)

@@ -24,9 +24,9 @@ def pixels(n=4, size=64, seed=0):
 
 
 def test_tiny_backbone_is_registered_with_open_clip():
-    import open_clip
+    from mumic_core.model import open_clip_module
 
-    assert "mumic-tiny" in open_clip.list_models()
+    assert "mumic-tiny" in open_clip_module().list_models()
     assert resolve_arch("mumic-tiny")["vision_cfg"]["image_size"] == 64
 
 
@@ -203,3 +203,22 @@ def test_trained_model_ranks_images_with_a_label_above_images_without(trained_ti
     j = synthetic.LABELS.index("red")
     s = model.score_labels(x, ["red"])[:, 0].numpy()
     assert s[y[:, j] == 1].mean() > s[y[:, j] == 0].mean() + 0.3
+
+
+def test_a_process_that_only_reads_configs_never_imports_open_clip(tiny_model_untrained, tmp_path):
+    """open_clip (with torchvision and torch._dynamo, ~2 s of CPU) is imported on first use: a retag driver
+    reads and checks the model's config, and never builds one."""
+    import subprocess
+    import sys
+
+    from mumic_core import checkpoint
+
+    checkpoint.save(tiny_model_untrained, tmp_path / "m")
+    code = (
+        "import sys; from mumic_core import checkpoint; import pipelines.retag.run; "
+        f"checkpoint.read_config({str(tmp_path / 'm')!r}); "
+        "print(sorted(m for m in ('open_clip', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
