@@ -204,24 +204,25 @@ import json, sys
 cfg = json.loads(sys.argv[1])
 from pipelines.retag import run_retag
 
-def on_event(name, info):
-    if name == "staged" and cfg["crash"]:
-        raise SystemExit(3)  # a crash after the first staged part
+for run_id, crash in cfg["runs"]:  # one after the other, in one process (each process costs seconds)
+    def on_event(name, info):
+        if name == "staged" and crash:
+            raise SystemExit(3)  # a crash after the first staged part
 
-run_retag(cfg["catalog"], cfg["model"], cfg["output"], on_event=on_event, **cfg["options"])
+    run_retag(cfg["catalog"], cfg["model"], cfg["output"], on_event=on_event, run_id=run_id, **cfg["options"])
 """
 
 
-def _retag_process(ray_cluster, tmp_path: Path, catalog_path, model, output: str, run_id: str, crash: bool) -> int:
+def _retag_process(ray_cluster, tmp_path: Path, catalog_path, model, output: str, runs: list[tuple[str, bool]]) -> int:
+    """The runs (run_id, crash after the first staged part?) in order, in one driver process."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    options = {"run_id": run_id, "progress": False, "rows_per_part": 8, "batch_size": 8, "concurrency": 1,
-               "full": True}
-    cfg = {"catalog": str(catalog_path), "model": str(model), "output": output, "options": options, "crash": crash}
+    options = {"progress": False, "rows_per_part": 8, "batch_size": 8, "concurrency": 1, "full": True}
+    cfg = {"catalog": str(catalog_path), "model": str(model), "output": output, "options": options, "runs": runs}
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     r = subprocess.run([sys.executable, str(script), json.dumps(cfg)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=240)
-    assert r.returncode == (3 if crash else 0), r.stderr[-3000:]
+    assert r.returncode == (3 if runs[-1][1] else 0), r.stderr[-3000:]
     return r.returncode
 
 
@@ -231,8 +232,8 @@ def test_vacuum_on_s3_removes_an_abandoned_runs_parts_and_staging(
 ):
     catalog_path, rows = catalog
     output = f"s3://{s3_bucket}/out"
-    _retag_process(ray_cluster, tmp_path, catalog_path, tiny_model_dir, output, "s3-first", crash=False)
-    _retag_process(ray_cluster, tmp_path, catalog_path, tiny_model_dir, output, "s3-abandoned", crash=True)
+    runs = [("s3-first", False), ("s3-abandoned", True)]  # a committed run, then one whose driver crashes
+    _retag_process(ray_cluster, tmp_path, catalog_path, tiny_model_dir, output, runs)
     staged = files.list_tree(f"{output}/_staging/s3-abandoned")
     parts = [f for f in files.list_tree(f"{output}/tags") if "part-s3-abandoned-" in f[0]]
     assert staged and len(parts) >= 1  # at least the part the driver crashed on

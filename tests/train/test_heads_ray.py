@@ -54,7 +54,7 @@ def _config(head: str, dataset, workdir, **kw):
         backbone="mumic-tiny",
         head=head,
         train_mode="image",  # mkt's stages decide for themselves
-        workers=2,
+        workers=kw.pop("workers", 2),
         epochs=1,
         batch_size=8,
         lr_image=3e-3,
@@ -235,7 +235,8 @@ def test_mkt_stage_2_alone_prompt_tunes_the_registered_model(dataset, ray_cluste
     version = log_model_version(str(tmp_path / "stage-1"), "tiny-mkt", run_id, tracking_uri=uri)
     client.set_terminated(run_id)
     ref = f"models:/tiny-mkt/{version}"
-    second = train(_config("mkt", dataset, tmp_path, stage=2, init=ref, run_name="mkt-stage2"))
+    # one worker: two-worker DDP of both stages is the parametrized test's
+    second = train(_config("mkt", dataset, tmp_path, stage=2, init=ref, run_name="mkt-stage2", workers=1))
     assert [h["stage"] for h in second.history] == [2]
     before = checkpoint.load(resolve_model(ref, tracking_uri=second.tracking_uri).uri)
     after = checkpoint.load(second.model_dir)
