@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -165,12 +166,17 @@ def _run_commands(root: Path, bucket: str, paths: dict, env: dict, uri: str, end
         log,
     )
     _mumic(["retag", "--catalog", paths["catalog"], "--model", ref, "--output", output, "--json"], env, log)
-    _mumic(
+    # evaluate and search need only what train and retag wrote: both at once (2 cores), logged in order
+    last = (
         ["evaluate", "--annotations", paths["annotations"], "--model", ref, "--workdir", str(root / "eval")],
-        env,
-        log,
+        ["search", "--output", output, "--model", ref, "--text", "red", "--k", "5"],
     )
-    _mumic(["search", "--output", output, "--model", ref, "--text", "red", "--k", "5"], env, log)
+    logs: tuple[list[str], ...] = tuple([] for _ in last)
+    with ThreadPoolExecutor(len(last)) as pool:
+        for done in [pool.submit(_mumic, args, env, own) for args, own in zip(last, logs, strict=True)]:
+            done.result()
+    for own in logs:
+        log.extend(own)
     return {
         "log": "\n".join(log),
         "root": root,
