@@ -14,6 +14,7 @@ safetensors + JSON.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -38,20 +39,17 @@ from .taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-_open_clip: Any = None
 
 
+@functools.cache
 def open_clip_module():
     """open_clip, imported on first use, with `mumic-tiny` (and any JSON shipped in MODEL_CONFIG_DIR)
     registered. Not at import: open_clip brings torchvision and, through it, torch._dynamo (~2 s of CPU),
     which a process that only reads and checks saved configs (a retag driver, `mumic vacuum`) never uses."""
-    global _open_clip
-    if _open_clip is None:
-        import open_clip
+    import open_clip
 
-        open_clip.add_model_config(MODEL_CONFIG_DIR)
-        _open_clip = open_clip
-    return _open_clip
+    open_clip.add_model_config(MODEL_CONFIG_DIR)
+    return open_clip
 
 
 TRAIN_MODES = ("both", "image", "frozen")

@@ -259,14 +259,14 @@ def _fit(run: _Run):
         steps_per_epoch=steps_per_epoch,
         **({"init_uri": run.init.uri, "init_name": run.init.name, "init_version": run.init.version} if run.init else {}),
     )
+    finished = _finished(run)
+    if finished is not None:
+        return finished
     class_weights = None
     if cfg.loss_weighting == "class_frequency":
         class_weights = class_frequency_weights(
             torch.as_tensor(run.train_labels), torch.as_tensor(run.train_mask)
         ).tolist()
-    finished = _finished(run)
-    if finished is not None:
-        return finished
     trainer = build_trainer(
         cfg,
         run.taxonomy,
