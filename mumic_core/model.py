@@ -550,6 +550,14 @@ class MuMIC(nn.Module):
             self._text_cache[key] = self.head.encode_classes(self, taxonomy).detach()
         return self._text_cache[key]
 
+    def seed_class_embeddings(self, emb: torch.Tensor) -> None:
+        """Serve `emb` [C, D] as the class embeddings of the model's own taxonomy, on its current device and
+        outside autocast, until the text side's weights change: the ones saved with the model
+        (`checkpoint`), so that loading it does not run every prompt through the text tower again."""
+        device = self.pixel_mean.device
+        key = (self._sha256(self.taxonomy), str(device), None, self._text_fingerprint())
+        self._text_cache[key] = emb.detach().to(device)
+
     def score_features(self, features: ImageFeatures, cls_emb: torch.Tensor) -> dict:
         """The head on image features and class embeddings, in fp32 whatever autocast is on."""
         with heads.no_autocast(features.pooled.device):

@@ -41,7 +41,7 @@ def save_state(folder: str, model: MuMIC, optimizer: torch.optim.Optimizer, stat
 def load_state(folder: str, model: MuMIC, optimizer: torch.optim.Optimizer) -> dict:
 
 
-    weights = load_file(os.path.join(folder, MODEL_DIR, checkpoint.WEIGHTS))
+    weights = checkpoint.weights_only(load_file(os.path.join(folder, MODEL_DIR, checkpoint.WEIGHTS)))
     model.load_state_dict(weights, strict=True)
     with open(os.path.join(folder, OPTIM_META)) as f:
         meta = json.load(f)

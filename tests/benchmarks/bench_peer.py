@@ -87,7 +87,8 @@ def save_models(cache: Path, labels: int) -> tuple[Path, Path]:
         torch.manual_seed(0)
         state = build_clip(resolve_arch("ViT-B-32")).state_dict()
         save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
-    if not (folder / "config.json").exists():
+    config = folder / "config.json"
+    if not config.exists() or json.loads(config.read_text())["format_version"] != checkpoint.FORMAT_VERSION:
         taxonomy = Taxonomy.from_dict({"labels": [f"product type {i}" for i in range(labels)]})
         checkpoint.save(MuMIC.create(taxonomy, backbone="ViT-B-32", pretrained=str(weights)), folder)
     return weights, folder

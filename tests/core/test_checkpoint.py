@@ -351,7 +351,7 @@ def loaded_as_before(folder) -> MuMIC:
     """How a folder was loaded before NoRandomInit: a randomly initialised model, the weights copied in."""
     cfg = checkpoint.read_config(folder)
     model = MuMIC(ModelConfig.from_dict(cfg["model"]), Taxonomy.from_dict(cfg["taxonomy"]))
-    model.load_state_dict(st_load((folder / checkpoint.WEIGHTS).read_bytes()))
+    model.load_state_dict(checkpoint.weights_only(st_load((folder / checkpoint.WEIGHTS).read_bytes())))
     model.set_train_mode(model.config.train_mode)
     return model.eval()
 
@@ -428,3 +428,52 @@ def test_no_random_init_is_only_for_the_load_and_fresh_models_still_initialise()
     assert not torch.equal(a.clip.visual.conv1.weight, b.clip.visual.conv1.weight)  # seeded, random init
     assert not torch.equal(a.head.embed_tokens.weight, b.head.embed_tokens.weight)
     assert 0.005 < float(a.clip.visual.conv1.weight.std()) < 1.0  # drawn, not left unfilled
+
+
+# ---- the class embeddings saved with the weights: a load runs no prompt through the text tower -----------
+
+
+def _count_text_tower(model: MuMIC) -> list[int]:
+    """How often the head makes class embeddings from now on (through the text tower, each time)."""
+    calls = [0]
+    encode = model.head.encode_classes
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return encode(*args, **kwargs)
+
+    model.head.encode_classes = counting
+    return calls
+
+
+@pytest.mark.parametrize(("head", "stage"), [*((h, 1) for h in HEAD_NAMES), ("mkt", 2)])
+def test_a_loaded_model_scores_with_its_saved_class_embeddings_without_the_text_tower(tmp_path, head, stage):
+    model = head_model(head, stage)
+    checkpoint.save(model, tmp_path / "m")
+    fresh = checkpoint.class_embeddings(model)  # as a Scorer makes them, from the text tower
+    scorer = Scorer(checkpoint.load(tmp_path / "m"), device="cpu", precision="fp32")
+    calls = _count_text_tower(scorer.model)
+    x = np.random.default_rng(1).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    scores = scorer.predict(x).scores
+    assert calls[0] == 0  # the saved embeddings were served: no prompt went through the text tower
+    assert torch.equal(scorer.model.class_embeddings(), fresh)
+    with torch.no_grad():
+        assert np.array_equal(scores, model(torch.from_numpy(x))["probs"].numpy())
+    scorer.predict(x, labels=["purple", "sea view"])  # labels outside the taxonomy: the text tower, as before
+    assert calls[0] >= 1
+
+
+def test_saved_class_embeddings_are_not_served_once_the_config_says_another_taxonomy(tmp_path):
+    model = head_model("mumic")
+    checkpoint.save(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / checkpoint.CONFIG).read_text())
+    cfg["taxonomy"]["labels"][0]["name"] = "sea view"  # edited after saving: same weights, another label
+    (tmp_path / "m" / checkpoint.CONFIG).write_text(json.dumps(cfg))
+    loaded = checkpoint.load(tmp_path / "m")
+    calls = _count_text_tower(loaded)
+    with torch.no_grad():
+        emb = loaded.class_embeddings()
+    assert calls[0] == 1 and loaded.taxonomy.names[0] == "sea view"
+    assert torch.equal(emb, checkpoint.class_embeddings(loaded))
+    assert not torch.equal(emb, checkpoint.class_embeddings(model))
+
