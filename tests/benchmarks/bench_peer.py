@@ -11,10 +11,10 @@ pinned packages (numpy<2, open_clip<3, ...) shadow ours. One random-init open_cl
 once as safetensors; clip-retrieval loads it as `open_clip:ViT-B-32/<file>` (offline), mumic as the
 `--pretrained` weights of a model folder. For each size N: N generated 256x256 photo-like JPEGs;
   - clip-retrieval inference (image embeddings only), wall clock of the process;
-  - `mumic retag --full` (fp32, then int8), wall clock of the process and its summary;
-then the bare forward (Scorer.predict on decoded uint8 batches: one process on every thread, and one
-single-threaded process per core), steady images/s from the difference of the two sizes' walls, the
-ratios, and int8 / bf16 agreement with fp32 (top-10 labels on the benchmark's images; mAP on a labelled
+  - `mumic retag --full` (fp32, bf16, int8), wall clock of the process and its summary;
+then the bare forward (Scorer.predict on decoded uint8 batches: one process on every thread, one
+single-threaded process per core, and one thread in each precision), steady images/s from the difference
+of the two sizes' walls, the ratios, and int8 / bf16 agreement with fp32 (top-10 labels on the benchmark's images; mAP on a labelled
 generated set scored by a mumic-tiny trained here for 30 s).
 """
 
@@ -133,10 +133,10 @@ def run_mumic(images: Path, model: Path, out: Path, batch: int, precision: str) 
 
 
 def _forward_rate(args) -> float:
-    model, batch, threads, seconds = args
+    model, batch, threads, seconds, *rest = args
     from mumic_core.scoring import Scorer
 
-    scorer = Scorer.load(model, device="cpu", num_threads=threads, precision="fp32")
+    scorer = Scorer.load(model, device="cpu", num_threads=threads, precision=rest[0] if rest else "fp32")
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
     scorer.predict(pixels[:8])
     n, t0 = 0, time.perf_counter()
@@ -156,6 +156,13 @@ def bare_forward(model: Path, batch: int, seconds: float = 20.0) -> dict:
     with ctx.Pool(cores) as pool:
         many = sum(pool.map(_forward_rate, [(str(model), batch, 1, seconds)] * cores, chunksize=1))
     return {f"1 process x {cores} threads": round(one, 2), f"{cores} processes x 1 thread": round(many, 2)}
+
+
+def forward_by_precision(model: Path, batch: int, seconds: float) -> dict:
+    """The bare forward on one thread in each precision (CPU: bf16 is autocast, native on AVX512-BF16 / AMX)."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return {p: round(pool.map(_forward_rate, [(str(model), batch, 1, seconds, p)])[0], 2) for p in ("fp32", "bf16", "int8")}
 
 
 def agreement(model: Path, images: Path, n: int = 128) -> dict:
@@ -208,6 +215,7 @@ def main() -> None:
     parser.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "mumic-peer"))
     parser.add_argument("--skip-peer", action="store_true", help="mumic only (no clip-retrieval venv)")
     parser.add_argument("--forward-seconds", type=float, default=20.0)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], help="of the mumic runs")
     args = parser.parse_args()
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -221,11 +229,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             if python is not None:
                 row["clip-retrieval"] = run_peer(python, images, weights, Path(tmp) / "peer", args.batch)
-            for precision in ("fp32", "int8"):
+            for precision in args.precisions:
                 row[f"mumic {precision}"] = run_mumic(images, model, Path(tmp) / f"mumic-{precision}", args.batch, precision)
         results["sizes"][n] = row
         print(json.dumps({n: row}), flush=True)
     results["bare_forward_fp32"] = bare_forward(model, args.batch, args.forward_seconds)
+    results["bare_forward_1_thread"] = forward_by_precision(model, args.batch, args.forward_seconds / 2)
     results["agreement_with_fp32"] = agreement(model, cache / f"images-{args.sizes[0]}")
     results["labelled_map_mumic_tiny"] = labelled_map()
     results["load_average_after"] = round(os.getloadavg()[0], 1)
@@ -249,6 +258,7 @@ def report(results: dict, sizes: list[int]) -> None:
         shown = f"{rate:.1f} | {rate / best:.2f}" if rate else "- | -"
         print(f"| {tool} | " + " | ".join(f"{w:.1f}" for w in walls) + f" | {shown} |")
     print(f"\nbest bare forward (fp32, same run): {best:.1f} images/s {results['bare_forward_fp32']}")
+    print(f"bare forward on 1 thread by precision (images/s): {results['bare_forward_1_thread']}")
     if "clip-retrieval" in tools:
         for tool in (t for t in tools if t != "clip-retrieval"):
             ratios = [results["sizes"][n][tool]["wall_s"] / results["sizes"][n]["clip-retrieval"]["wall_s"] for n in sizes]
