@@ -91,6 +91,12 @@ class SnapshotDatasource(Datasource):
         ]
 
 
+def actor_pool_size(plan: Plan, num_rows: int, batch_size: int) -> int:
+    """Inference actors the pipeline starts: the plan's, but no more than there are batches (an actor
+    without a batch would only pay its start-up: torch, the model)."""
+    return min(plan.actors, max(1, math.ceil(num_rows / batch_size)))
+
+
 def build_dataset(
     files: list[str],
     num_rows: int,
@@ -161,7 +167,7 @@ def build_dataset(
             "precision": plan.precision,
             "tally": tally,
         },
-        compute=ray.data.ActorPoolStrategy(size=min(plan.actors, blocks)),  # no idle actors on small runs
+        compute=ray.data.ActorPoolStrategy(size=actor_pool_size(plan, num_rows, opts.batch_size)),
         num_cpus=plan.actor_cpus,
         num_gpus=plan.actor_gpus or None,
     )

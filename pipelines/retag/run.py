@@ -39,7 +39,7 @@ from . import ids as ids_mod
 from . import unchanged
 from .commit import commit_run, commit_version, ensure_run_row, is_committed, run_row_from_history
 from .current import RunFacts, is_merged, update_current
-from .dataset import PartSpec, Tally, build_dataset, startup_failure, tally_name
+from .dataset import PartSpec, Tally, actor_pool_size, build_dataset, startup_failure, tally_name
 from .decode import KnownDigests
 from .lease import RunLease
 from .options import CommitFailed, RetagError, RetagOptions, StagingMismatch, TooManyErrors, new_run_id
@@ -372,7 +372,7 @@ def _stage_rest(
         plan = plan_resources(ray.cluster_resources(), run.opts)
         _record_precision(run, manifest, plan.precision)
         run.say(
-            f"run {run.run_id}: {todo} images → {plan.actors} infer actor(s) "
+            f"run {run.run_id}: {todo} images → {actor_pool_size(plan, todo, run.opts.batch_size)} infer actor(s) "
             f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}, {plan.precision}), "
             f"batch {run.opts.batch_size}"
         )

@@ -391,6 +391,14 @@ def test_plan_uses_one_single_threaded_actor_per_core_and_keeps_a_cpu_for_io():
     assert plan.actors * plan.actor_cpus <= 1.0 + 1e-9  # one logical CPU left for read/fetch tasks
 
 
+def test_a_run_starts_no_more_inference_actors_than_it_has_batches():
+    from pipelines.retag import RetagOptions, plan_resources
+    from pipelines.retag.dataset import actor_pool_size
+
+    plan = plan_resources({"CPU": 16.0, "GPU": 4.0}, RetagOptions())
+    assert [actor_pool_size(plan, rows, 256) for rows in (1, 256, 257, 700, 1024, 10**6)] == [1, 1, 2, 3, 4, 4]
+
+
 def test_plan_puts_one_actor_on_each_gpu_and_can_ask_for_gpus_before_the_autoscaler_adds_them():
     from pipelines.retag import RetagOptions, plan_resources
 
