@@ -59,6 +59,22 @@ def _retag(catalog_path, model, output, **kw) -> dict:
 def _crash(catalog_path, model, output, run_id: str) -> None:
     with pytest.raises(Crash):
         _retag(catalog_path, model, output, run_id=run_id, full=True, on_event=_crash_at_first_part)
+    _settle(output, run_id)
+
+
+def _settle(output: Path, run_id: str, quiet_s: float = 2.0, limit_s: float = 60.0) -> None:
+    """Wait until the crashed run's part files stop changing: the driver raised in this process, but the
+    session cluster's staging tasks it had under way still finish their writes (as a crashed driver's
+    workers may), and the test must see the run as it was left."""
+    def listing():
+        return sorted((p.name, p.stat().st_size) for p in (output / "tags").rglob(f"part-{run_id}-*.parquet"))
+
+    last, since, start = listing(), time.monotonic(), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() - start < limit_s:
+        time.sleep(0.25)
+        now = listing()
+        if now != last:
+            last, since = now, time.monotonic()
 
 
 def _age(paths, hours: float) -> None:
