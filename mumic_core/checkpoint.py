@@ -4,7 +4,7 @@ The JSON holds everything needed to rebuild the model without the code that trai
 open_clip architecture, the head and its options, the taxonomy, tau, bias, thresholds and preprocessing.
 The safetensors file also holds, beside the weights, the class embeddings of the model's taxonomy (format
 3, `CLASS_EMBEDDINGS`): a loaded model scores without running every prompt through the text tower first
-(3 s for 32 labels of ViT-B-32 on a CPU core; ~100x that for a 1000-label taxonomy). Loading reads those two
+(3 s for 32 labels of ViT-B-32 on a CPU core; ~30x that for 1000 labels, by extrapolation). Loading reads those two
 files and nothing else (no code in the folder runs, nothing is unpickled); a config that is not JSON, too
 big, has fields this version does not know or absurd sizes, or weights whose sha256 differs from the
 config's `weights_sha256`, is a one-line ModelError.

@@ -14,8 +14,8 @@ once as safetensors; clip-retrieval loads it as `open_clip:ViT-B-32/<file>` (off
   - `mumic retag --full` (fp32, bf16, int8), wall clock of the process and its summary;
 then the bare forward (Scorer.predict on decoded uint8 batches: one process on every thread, one
 single-threaded process per core, and one thread in each precision), steady images/s from the difference
-of the two sizes' walls, the ratios, and int8 / bf16 agreement with fp32 (top-10 labels on the benchmark's images; mAP on a labelled
-generated set scored by a mumic-tiny trained here for 30 s).
+of the two sizes' walls, the ratios, and int8 / bf16 agreement with fp32 (top-10 labels on the benchmark's
+images; mAP on a labelled generated set scored by a mumic-tiny trained here for 30 s).
 """
 
 from __future__ import annotations
@@ -133,10 +133,10 @@ def run_mumic(images: Path, model: Path, out: Path, batch: int, precision: str) 
 
 
 def _forward_rate(args) -> float:
-    model, batch, threads, seconds, *rest = args
+    model, batch, threads, seconds, precision = args
     from mumic_core.scoring import Scorer
 
-    scorer = Scorer.load(model, device="cpu", num_threads=threads, precision=rest[0] if rest else "fp32")
+    scorer = Scorer.load(model, device="cpu", num_threads=threads, precision=precision)
     pixels = np.random.default_rng(0).integers(0, 256, (batch, 3, 224, 224), dtype=np.uint8)
     scorer.predict(pixels[:8])
     n, t0 = 0, time.perf_counter()
@@ -152,9 +152,9 @@ def bare_forward(model: Path, batch: int, seconds: float = 20.0) -> dict:
     cores = os.cpu_count() or 1
     ctx = mp.get_context("spawn")
     with ctx.Pool(1) as pool:
-        one = pool.map(_forward_rate, [(str(model), batch, cores, seconds)])[0]
+        one = pool.map(_forward_rate, [(str(model), batch, cores, seconds, "fp32")])[0]
     with ctx.Pool(cores) as pool:
-        many = sum(pool.map(_forward_rate, [(str(model), batch, 1, seconds)] * cores, chunksize=1))
+        many = sum(pool.map(_forward_rate, [(str(model), batch, 1, seconds, "fp32")] * cores, chunksize=1))
     return {f"1 process x {cores} threads": round(one, 2), f"{cores} processes x 1 thread": round(many, 2)}
 
 

@@ -476,4 +476,3 @@ def test_saved_class_embeddings_are_not_served_once_the_config_says_another_taxo
     assert calls[0] == 1 and loaded.taxonomy.names[0] == "sea view"
     assert torch.equal(emb, checkpoint.class_embeddings(loaded))
     assert not torch.equal(emb, checkpoint.class_embeddings(model))
-
