@@ -50,6 +50,24 @@ def test_index_is_built_beside_the_tables_and_records_the_current_version(tmp_pa
     assert index.refresh(str(tmp_path), MODEL).up_to_date  # nothing new in `current`: nothing written
 
 
+def test_an_index_of_at_most_exact_up_to_vectors_is_searched_exactly_whatever_its_graph():
+    # a graph built too sparse to find neighbours: its own answers are poor, the scan's are the exact ones
+    from pipelines.index import ann
+
+    vectors, queries = clustered(2000, seed=4), clustered(16, seed=5)
+    truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
+    graph = ann.new_index(vectors.shape[1], ann.AnnParams(connectivity=2, expansion_add=4, expansion_search=10))
+    ann.add(graph, np.arange(len(vectors)), vectors)
+    assert len(vectors) <= ann.EXACT_UP_TO
+
+    def recall(exact):
+        keys, _ = ann.knn(graph, queries, 10, exact=exact)
+        return np.mean([len(set(keys[i].tolist()) & set(truth[i].tolist())) / 10 for i in range(len(queries))])
+
+    assert recall(exact=False) < 0.5  # the graph alone
+    assert recall(exact=None) == 1.0  # the default at this size: every vector scanned
+
+
 def test_search_through_the_index_returns_the_exact_scans_top_k(tmp_path):
     vectors = clustered(500, seed=1)
     write_current(tmp_path, vector_rows(vectors), MODEL)
