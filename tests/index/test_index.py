@@ -11,7 +11,7 @@ import pytest
 from index_helpers import DIM, clustered, vector_rows, write_current
 
 from pipelines import index, tables
-from pipelines.index import store
+from pipelines.index import ann, store
 
 MODEL = ("mumic", "7")
 
@@ -52,8 +52,6 @@ def test_index_is_built_beside_the_tables_and_records_the_current_version(tmp_pa
 
 def test_an_index_of_at_most_exact_up_to_vectors_is_searched_exactly_whatever_its_graph():
     # a graph built too sparse to find neighbours: its own answers are poor, the scan's are the exact ones
-    from pipelines.index import ann
-
     vectors, queries = clustered(2000, seed=4), clustered(16, seed=5)
     truth = np.argsort(-(queries @ vectors.T), axis=1)[:, :10]
     graph = ann.new_index(vectors.shape[1], ann.AnnParams(connectivity=2, expansion_add=4, expansion_search=10))
@@ -266,8 +264,6 @@ def test_search_help_offers_exact(capsys):
 
 
 def test_knn_pads_missing_neighbours_and_vectors_round_trip():
-    from pipelines.index import ann
-
     vectors = clustered(5, dim=8)
     idx = ann.new_index(8)
     ann.add(idx, np.arange(5, dtype=np.uint64), vectors)
