@@ -98,7 +98,10 @@ def ray_cluster(s3_server):
     """One local Ray cluster for the session (2 CPUs); started after the S3 env so workers inherit it."""
     import ray
 
+    from pipelines import cluster
+
     if not ray.is_initialized():
+        cluster.local_cluster_env()  # what `mumic` sets when it starts a local cluster
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False

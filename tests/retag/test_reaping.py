@@ -205,3 +205,27 @@ def test_a_killed_drivers_agents_are_reaped_by_the_resume_which_finishes_exactly
         for pid in _left_by(driver.pid, mark):  # only what the killed run started
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_local_cluster_gets_the_ray_train_settings_its_workers_see_and_a_users_own_value_wins(
+    ray_cluster, monkeypatch
+):
+    from ray.train.v2._internal import constants
+
+    # the names are the ones Ray Train reads (a rename in Ray would silently drop the setting)
+    assert set(cluster.LOCAL_CLUSTER_ENV) == {
+        constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+        constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+    }
+
+    @ray_cluster.remote(num_cpus=0)
+    def seen() -> dict:
+        return {name: os.environ.get(name) for name in cluster.LOCAL_CLUSTER_ENV}
+
+    # the session's cluster was started the way `mumic` starts a local one
+    assert ray_cluster.get(seen.remote()) == cluster.LOCAL_CLUSTER_ENV
+    monkeypatch.setenv(constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR, "3")
+    monkeypatch.delenv(constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR)
+    cluster.local_cluster_env()
+    assert os.environ[constants.HEALTH_CHECK_INTERVAL_S_ENV_VAR] == "3"
+    assert os.environ[constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR] == "0"
