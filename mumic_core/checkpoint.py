@@ -17,16 +17,20 @@ import json
 import re
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from .model import ModelConfig, ModelError, MuMIC, NoRandomInit, _listed
+from .model_config import ModelConfig, ModelError, _listed
 from .taxonomy import Taxonomy
+
+# torch and the model are imported where a model is built or saved: reading and checking a config needs
+# neither (a retag driver does only that)
+if TYPE_CHECKING:
+    import torch
+
+    from .model import MuMIC  # annotations only
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -98,6 +102,8 @@ def _embeddings_for(model: MuMIC) -> str:
 def class_embeddings(model: MuMIC) -> torch.Tensor:
     """The model's taxonomy's class embeddings [C, D] as a Scorer makes them: eval mode, no gradient, fp32
     without autocast or TF32, not from the model's cache (a training step's may differ); on the CPU."""
+    import torch
+
     modes = [(m, m.training) for m in model.modules()]
     device = model.pixel_mean.device
     matmul = torch.get_float32_matmul_precision()
@@ -115,6 +121,8 @@ def class_embeddings(model: MuMIC) -> torch.Tensor:
 
 def state_bytes(model: MuMIC) -> bytes:
     """The weights and the class embeddings (`CLASS_EMBEDDINGS`) as one safetensors file."""
+    from safetensors.torch import save as st_save
+
     # safetensors refuses shared storage; clone makes each tensor its own
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     state[CLASS_EMBEDDINGS] = class_embeddings(model)
@@ -140,6 +148,8 @@ def _metadata(weights: bytes) -> dict[str, str]:
 def _seed_saved_embeddings(model: MuMIC, saved: torch.Tensor | None, weights: bytes) -> None:
     """Serve the saved class embeddings when they were made for this config and taxonomy, else nothing
     (the model makes its own on first use)."""
+    import torch
+
     if saved is None or _metadata(weights).get(CLASS_EMBEDDINGS_FOR) != _embeddings_for(model):
         return
     if saved.dtype != torch.float32 or saved.ndim != 2 or saved.shape[0] != len(model.taxonomy):
@@ -240,6 +250,10 @@ def from_bytes(
     source: str = "saved model",
 ) -> MuMIC:
     """A model from a config dict and the bytes of its safetensors file; checks both before building."""
+    from safetensors.torch import load as st_load
+
+    from .model import MuMIC, NoRandomInit  # torch: only where a model is built (see the module's imports)
+
     check_config(cfg, f"{source} config")
     expected = cfg.get("weights_sha256")  # older folders have none: nothing to check against
     actual = hashlib.sha256(weights).hexdigest() if expected is not None else None

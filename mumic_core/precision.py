@@ -10,17 +10,16 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import ModelError
-
-# The commands' option types spell these out again (`mumic --help` imports no torch); a test keeps them equal.
-Precision = Literal["auto", "fp32", "bf16", "int8"]
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "int8")
+# the rule itself is torch-free (a retag driver resolves it without torch); re-exported here
+from .model_config import PRECISIONS as PRECISIONS
+from .model_config import ModelError
+from .model_config import Precision as Precision
+from .model_config import resolve as resolve
 
 
 class DeviceError(ModelError):
@@ -40,20 +39,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
             "NVIDIA driver too old for this torch build; not falling back to the CPU"
         )
     return chosen
-
-
-def resolve(precision: str | None, device: torch.device) -> str:
-    """'auto' (or None) made concrete for `device`, and a combination that cannot work refused."""
-    precision = precision or "auto"
-    if precision not in PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        # decided from the device type alone, so a driver without a GPU resolves it as its actors will;
-        # on a GPU without native bf16 (before Ampere: V100, T4) ask for fp32
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision == "int8" and device.type != "cpu":
-        raise ModelError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on {device}; use bf16")
-    return precision
 
 
 def prepare(model: nn.Module, precision: str) -> nn.Module:

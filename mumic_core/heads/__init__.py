@@ -14,24 +14,31 @@ from typing import Any
 
 from torch import nn
 
-from .base import Head, HeadOptions, ImageFeatures, LrGroup, Objective, no_autocast
-from .clip_decoder import ClipDecoderHead, ClipDecoderOptions
-from .mkt import MKTHead, MKTOptions, mkt_scores
-from .mumic import MumicOptions, TemperedSigmoidHead
+from ..head_options import (
+    HEAD_NAMES,
+    HEAD_OPTIONS,
+    ClipDecoderOptions,
+    HeadOptions,
+    MKTOptions,
+    MumicOptions,
+    options_for,
+)
+from .base import Head, ImageFeatures, LrGroup, Objective, no_autocast
+from .clip_decoder import ClipDecoderHead
+from .mkt import MKTHead
+from .mkt import mkt_scores as mkt_scores
+from .mumic import TemperedSigmoidHead
 
 HEADS: dict[str, type[Head]] = {h.name: h for h in (TemperedSigmoidHead, ClipDecoderHead, MKTHead)}
-HEAD_NAMES: tuple[str, ...] = tuple(HEADS)
+# the torch-free registry of options (what a saved config is checked against) names the same heads
+if {name: h.Options for name, h in HEADS.items()} != HEAD_OPTIONS or tuple(HEADS) != HEAD_NAMES:
+    raise ImportError("mumic_core.head_options.HEAD_OPTIONS and mumic_core.heads.HEADS disagree")
 
 
 def head_class(name: str) -> type[Head]:
     if name not in HEADS:
         raise ValueError(f"unknown head {name!r}; known: {', '.join(HEADS)}")
     return HEADS[name]
-
-
-def options_for(name: str, options: Any) -> HeadOptions:
-    """The head's options from a mapping (a saved config, or {} for the defaults), checked."""
-    return head_class(name).Options.from_dict(options if options is not None else {})
 
 
 def build_head(config: Any, clip: nn.Module, tokenizer: Any) -> Head:

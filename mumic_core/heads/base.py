@@ -1,5 +1,6 @@
 """What every head is: options saved with the model, the image features it asks the backbone for, its
-scores and embedding for given class text embeddings, what trains in each stage, and its loss.
+scores and embedding for given class text embeddings, what trains in each stage, and its loss. The
+options classes live in `mumic_core.head_options`, which imports no torch.
 
 Heads know nothing of `mumic_core.model` (which builds them): the model is passed in where a head needs
 it (its towers' parameters, its prompt embeddings), so the import runs one way.
@@ -8,79 +9,15 @@ it (its towers' parameters, its prompt embeddings), so the import runs one way.
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-MAX_TEXT_OPTION = 200  # a template is a short sentence; anything longer is a typo or a hostile file
+from ..head_options import HeadOptions
 
-
-@dataclass
-class HeadOptions:
-    """A head's own hyper-parameters, saved in config.json as `model.head_options` and logged to MLflow.
-
-    `TRAIN_PREFIX`: the TrainConfig field `<prefix><name>` sets option `name` (`--decoder-alpha`)."""
-
-    TRAIN_PREFIX: ClassVar[str] = ""
-
-    @classmethod
-    def from_dict(cls, d: Any) -> HeadOptions:
-        """Options from a saved or given mapping: unknown names, wrong types and out-of-range values are a
-        ValueError naming the option (the model layer turns it into a one-line ModelError)."""
-        if isinstance(d, cls):
-            d = d.to_dict()
-        if not isinstance(d, Mapping):
-            raise ValueError(f"head options are an object, not {type(d).__name__}")
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(str(k)[:40] for k in d if k not in known)
-        if unknown:
-            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(known) or 'none'}")
-        out = cls(**{k: _typed(k, v, known[k].default) for k, v in d.items()})
-        out.check()
-        return out
-
-    @classmethod
-    def from_train(cls, flat: Mapping[str, Any]) -> HeadOptions:
-        """The options a training config sets through its `<prefix><name>` fields (others keep defaults)."""
-        if not cls.TRAIN_PREFIX:
-            return cls.from_dict({})
-        given = {
-            f.name: flat[cls.TRAIN_PREFIX + f.name] for f in fields(cls) if cls.TRAIN_PREFIX + f.name in flat
-        }
-        return cls.from_dict({k: v for k, v in given.items() if v is not None})
-
-    def check(self) -> None:
-        """Ranges; a subclass raises ValueError naming the option."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _typed(name: str, value: Any, default: Any) -> Any:
-    """`value` as the type of the option's default (JSON gives ints for floats); anything else refused."""
-    kind = type(default)
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str) and len(value) <= MAX_TEXT_OPTION
-    if not ok:
-        raise ValueError(f"option {name} must be a {kind.__name__}, got {value!r:.40}")
-    return value
-
-
-def in_range(options: HeadOptions, name: str, low: float, high: float) -> None:
-    value = getattr(options, name)
-    if not low <= value <= high:
-        raise ValueError(f"option {name} = {value!r} is outside {low:g}..{high:g}")
+__all__ = ["Head", "HeadOptions", "ImageFeatures", "LrGroup", "Objective", "frozen_copy", "no_autocast"]
 
 
 @dataclass

@@ -15,34 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..head_options import ClipDecoderOptions
 from ..losses import clip_decoder_loss
-from .base import Head, HeadOptions, ImageFeatures, Objective, in_range
-
-
-@dataclass
-class ClipDecoderOptions(HeadOptions):
-    TRAIN_PREFIX = "decoder_"
-
-    dim: int = 768  # decoder width d (ML-Decoder's decoder_embedding)
-    heads: int = 8
-    ffn: int = 2048
-    dropout: float = 0.1
-    alpha: float = 1.0  # weight of L_clip (the alignment of e with the class text embeddings)
-    beta: float = 1.0  # weight of the ASL classification loss
-    tau: float = 0.07  # temperature of L_clip
-
-    def check(self) -> None:
-        in_range(self, "dim", 1, 16_384)
-        in_range(self, "heads", 1, 1_024)
-        in_range(self, "ffn", 1, 65_536)
-        in_range(self, "dropout", 0.0, 0.99)
-        in_range(self, "alpha", 0.0, 1e6)
-        in_range(self, "beta", 0.0, 1e6)
-        in_range(self, "tau", 1e-4, 100.0)
-        if self.dim % self.heads:
-            raise ValueError(f"option dim = {self.dim} is not a multiple of heads = {self.heads}")
-        if self.alpha == 0 and self.beta == 0:
-            raise ValueError("options alpha and beta are both 0: nothing would train")
+from .base import Head, ImageFeatures, Objective
 
 
 class DecoderLayer(nn.Module):

@@ -17,29 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..head_options import MKTOptions
 from ..losses import mkt_loss
-from .base import Head, HeadOptions, ImageFeatures, LrGroup, Objective, frozen_copy, in_range
+from .base import Head, ImageFeatures, LrGroup, Objective, frozen_copy
 from .prompts import PromptContext
-
-
-@dataclass
-class MKTOptions(HeadOptions):
-    TRAIN_PREFIX = "mkt_"
-
-    top_k: int = 16  # patches averaged in the local score
-    train_blocks: int = 2  # stage 1 trains the last `train_blocks` transformer blocks (+ ln_post, proj)
-    layer_decay: float = 0.65  # stage 1: block i's LR = lr_image · layer_decay^(L − i)
-    distill_weight: float = 1.0  # stage 1: L = L_rank + distill_weight · L_dist
-    margin: float = 1.0  # of the ranking loss's hinge
-    template: str = "There is a {} in the scene"  # stage 2: its words around {} are learned
-    prompt_tuned: bool = False  # set by stage 2: class embeddings then come from the learned template
-
-    def check(self) -> None:
-        in_range(self, "top_k", 1, 65_536)
-        in_range(self, "train_blocks", 0, 256)
-        in_range(self, "layer_decay", 1e-6, 1.0)
-        in_range(self, "distill_weight", 0.0, 1e6)
-        in_range(self, "margin", 0.0, 1e3)
 
 
 def mkt_scores(cls_emb: Tensor, patch_emb: Tensor, class_emb: Tensor, top_k: int) -> Tensor:

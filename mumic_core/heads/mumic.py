@@ -11,16 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..head_options import MumicOptions
 from ..losses import tempered_sigmoid_bce
-from .base import Head, HeadOptions, ImageFeatures, LrGroup, Objective
+from .base import Head, ImageFeatures, LrGroup, Objective
 
 TAU_RANGE = (1e-3, 1.0)  # kept after every step: too small saturates, too large never separates
-
-
-@dataclass
-class MumicOptions(HeadOptions):
-    """None of its own: τ and b are ModelConfig's `learn_tau`, `init_tau`, `use_bias`, `init_bias`
-    (where they were before heads existed, so older saved models read unchanged)."""
 
 
 class TemperedSigmoidHead(Head):

@@ -12,13 +12,16 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mumic_core import checkpoint
-from mumic_core.model import ModelError
-from mumic_core.scoring import Scorer
+from mumic_core.model_config import ModelError
 
 from .. import storage
 from . import tracking
+
+if TYPE_CHECKING:
+    from mumic_core.scoring import Scorer  # annotations only (torch)
 
 MODEL_FOLDER = "mumic_model"  # name of the saved model folder inside the pyfunc's artifacts
 
@@ -51,6 +54,8 @@ def load_scorer(
     ref: str | ModelRef, device: str | None = None, tracking_uri: str | None = None, precision: str = "auto"
 ) -> tuple[Scorer, ModelRef]:
     """A reference's model, ready to score (`mumic_core.scoring.Scorer`), and what it resolved to."""
+    from mumic_core.scoring import Scorer  # torch: not for the processes that only resolve references
+
     mref = ref if isinstance(ref, ModelRef) else resolve_model(ref, tracking_uri)
     try:
         return Scorer.load(mref.uri, device=device, precision=precision), mref

@@ -129,7 +129,7 @@ def filter_value(value: str, what: str = "value") -> str:
         for quote in ("'", '"'):
             if quote not in value:
                 return f"{quote}{value}{quote}"
-    from mumic_core.model import ModelError  # torch-heavy: only on this rare path
+    from mumic_core.model_config import ModelError  # only on this rare path
 
     raise ModelError(
         f"{what} {value!r} cannot be searched for in MLflow (it holds both ' and \" or ends with \\); rename it"

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mumic_core import checkpoint
-from mumic_core.model import ModelError
+from mumic_core.model_config import ModelError
 
 from .. import storage
 from . import tracking

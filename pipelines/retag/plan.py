@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from mumic_core import precision as precision_rule
+from mumic_core import model_config
 
 from .options import RetagOptions
 
@@ -65,4 +63,4 @@ def plan_resources(resources: dict, opts: RetagOptions) -> Plan:
 def _precision(opts: RetagOptions, device: str) -> str:
     """Resolved in the driver, so a combination that cannot work (int8 on a GPU) fails before any actor
     starts, and the run's log names what the actors run."""
-    return precision_rule.resolve(opts.precision, torch.device(device))
+    return model_config.resolve(opts.precision, device)

@@ -175,3 +175,36 @@ def test_a_runs_table_written_before_precision_gains_the_column(tmp_path):
     assert ensure_run_row(uri, {**row, "run_id": "b", "precision": "bf16"})
     runs = tables.arrow_dataset(tables.open_table(uri)).to_table().sort_by("run_id").to_pylist()
     assert [(r["run_id"], r["precision"]) for r in runs] == [("a", None), ("b", "bf16")]
+
+
+DRIVER_ONLY = """
+import sys
+from mumic_core import checkpoint
+from mumic_core.model_config import ModelError
+from pipelines.retag import dataset, plan, run  # everything a retag driver imports
+from pipelines.retag.options import RetagOptions
+
+cfg = checkpoint.read_config(sys.argv[1])
+assert plan.plan_resources({"CPU": 4}, RetagOptions()).precision == "fp32"
+assert plan.plan_resources({"CPU": 4, "GPU": 1}, RetagOptions()).precision == "bf16"
+try:
+    checkpoint.check_config(dict(cfg, model={**cfg["model"], "head_options": {"nope": 1}}))
+except ModelError as e:
+    print("refused:", e)
+print("imported:", sorted(m for m in ("torch", "open_clip", "torchvision") if m in sys.modules))
+"""
+
+
+def test_a_retag_driver_reads_checks_and_plans_a_model_without_importing_torch(tiny_model_dir):
+    """The driver only reads and checks the model's config and plans the actors (torch and open_clip are
+    1.5-4 s of CPU and ~250 MB, on the start-up's critical path): they load in the inference actors only."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER_ONLY, str(tiny_model_dir)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and "unknown option(s) nope" in done.stdout, done.stdout
+    assert "imported: []" in done.stdout, done.stdout
