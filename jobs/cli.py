@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # user-fixable errors from the library are typed ValueErrors with one line
         # lazily, where it is needed: `mumic --help` and usage errors load no pipeline
         from mumic_core.images import ImageError
-        from mumic_core.model import ModelError
+        from mumic_core.model_config import ModelError
         from mumic_core.taxonomy import TaxonomyError
         from pipelines.storage import StorageError, redact
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from mumic_core.model import ModelConfig, ModelError
+from mumic_core.model_config import ModelConfig, ModelError
 
 from ..train.config import TrainConfig
 from .options import AblationConfig, AblationError

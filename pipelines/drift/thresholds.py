@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from mumic_core import checkpoint
-from mumic_core.model import ModelError
+from mumic_core.model_config import ModelError
 from mumic_core.taxonomy import Taxonomy
 
 from .. import storage
