@@ -35,7 +35,11 @@ class Tally:
     driver died is never blocked here."""
 
     def __init__(self):
-        self.rows, self.first_at = 0, None
+        self.rows, self.first_at, self.ready_at = 0, None, []
+
+    def ready(self) -> None:
+        """An inference actor has loaded its model (a restarted one tells again, later)."""
+        self.ready_at.append(time.time())
 
     def add(self, rows: int) -> None:
         if self.first_at is None:
@@ -45,6 +49,10 @@ class Tally:
     def read(self) -> tuple[int, float | None]:
         """(rows inferred so far, wall-clock time of the first batch)."""
         return self.rows, self.first_at
+
+    def ready_times(self) -> list[float]:
+        """Wall-clock times at which inference actors had loaded their models, in order."""
+        return list(self.ready_at)
 
 
 def tally_name(run_id: str) -> str:

@@ -52,6 +52,8 @@ class Predictor:
         # first output's path
         size = self.scorer.image_size
         self.scorer.predict(np.zeros((1, 3, size, size), np.uint8))
+        if self.tally is not None:
+            self.tally.ready.remote()  # fire and forget: the run's start-up steps (`actors_ready_seconds`)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok, pixels = pixels_of(batch, self.scorer.image_size)

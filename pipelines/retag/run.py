@@ -47,6 +47,9 @@ from .plan import plan_resources
 from .staging import PartWriter, RunStaging, StagedPart
 
 COUNTS = ("rows_ok", "rows_error", "rows_skipped")
+# a run's start-up, step by step, in its summary: Ray up (local start or join), every inference actor's
+# model loaded, the first batch inferred; the last two from the pipeline's start (`pipeline_seconds`'s)
+STARTUP_KEYS = ("ray_start_seconds", "actors_ready_seconds", "first_output_seconds")
 # precision: the resolved one the actors run, known once the pipeline's plan is (`_record_precision`)
 RESUME_KEYS = ("catalog", "model_name", "model_version", "full", "top_k", "requested_precision", "precision")
 _NEWER_KEYS = ("requested_precision",)  # absent from the manifests of runs started before them: not checked
@@ -117,7 +120,7 @@ def run_retag(
         files, todo, rows_resumed = _remaining(run, manifest)
         known = {p.seq for p in run.staging.parts()}  # staged before the pipeline: by earlier attempts, the split
         t_pipeline = time.perf_counter()
-        processed, first_output_s, seqs = _stage_rest(run, manifest, files, todo, known) if todo > 0 else (0, 0.0, set())
+        processed, startup, seqs = _stage_rest(run, manifest, files, todo, known) if todo > 0 else (0, {}, set())
         pipeline_s = time.perf_counter() - t_pipeline
         lease.check()  # a writer that stalled past its lease's expiry must not commit beside its successor
         counts, version = _verify_and_commit(run, manifest, known | seqs)
@@ -139,7 +142,8 @@ def run_retag(
         "rows_processed": processed,
         "seconds": round(total_s, 3),
         "pipeline_seconds": round(pipeline_s, 3),
-        "first_output_seconds": round(first_output_s, 3),  # start-up: actors up, model loaded, first batch
+        # start-up, step by step (`_startup`): Ray up; every inference actor's model loaded; the first batch
+        **{key: round(startup.get(key, 0.0), 3) for key in STARTUP_KEYS},
         "images_per_s": round(processed / pipeline_s, 1) if pipeline_s > 0 and processed else 0.0,
     }
 
@@ -364,15 +368,18 @@ def _part_writer(run: Run, manifest: dict) -> PartWriter:
 
 def _stage_rest(
     run: Run, manifest: dict, files: list[str], todo: int, known: set[int]
-) -> tuple[int, float, set[int]]:
-    """Run the pipeline over the remaining rows, its workers staging its output; (rows processed,
-    first-output s, the seqs of the parts it staged)."""
+) -> tuple[int, dict[str, float], set[int]]:
+    """Run the pipeline over the remaining rows, its workers staging its output; (rows processed, the
+    start-up's steps in seconds (STARTUP_KEYS), the seqs of the parts it staged)."""
+    t_ray = time.perf_counter()
     with ray_session():
+        ray_start_s = time.perf_counter() - t_ray  # ~0 on a cluster that was already up
         known_ref = _known_digests(run)
         plan = plan_resources(ray.cluster_resources(), run.opts)
         _record_precision(run, manifest, plan.precision)
+        actors = actor_pool_size(plan, todo, run.opts.batch_size)
         run.say(
-            f"run {run.run_id}: {todo} images → {actor_pool_size(plan, todo, run.opts.batch_size)} infer actor(s) "
+            f"run {run.run_id}: {todo} images → {actors} infer actor(s) "
             f"({'GPU' if plan.actor_gpus else f'{plan.torch_threads} threads'}, {plan.precision}), "
             f"batch {run.opts.batch_size}"
         )
@@ -386,7 +393,8 @@ def _stage_rest(
             files, todo, run.model.uri, run.config, known_ref, run.opts, plan, _allowed_roots(run), spec, tally
         )
         try:
-            return _drain(run, ds, tally, todo)
+            processed, startup, seqs = _drain(run, ds, tally, todo, actors)
+            return processed, {"ray_start_seconds": ray_start_s, **startup}, seqs
         except Exception as e:  # GPU actors never placed, or an actor without its device: one line
             failure = startup_failure(e, plan, run.opts)
             if failure is None:
@@ -423,9 +431,9 @@ def _known_digests(run: Run):
     return ray.put(known.digests) if len(known) else None
 
 
-def _drain(run: Run, ds, tally, todo: int) -> tuple[int, float, set[int]]:
+def _drain(run: Run, ds, tally, todo: int, actors: int) -> tuple[int, dict[str, float], set[int]]:
     """Take the staged parts' records as the workers write them (the rows stay on the workers); the
-    progress lines and the first-output time come from the tally the inference actors tell."""
+    progress lines and the start-up's steps come from the tally the inference actors tell."""
     t0, wall0, stop = time.perf_counter(), time.time(), threading.Event()
     watch = threading.Thread(target=_watch, args=(run, tally, todo, t0, stop), daemon=True)
     watch.start()
@@ -443,8 +451,18 @@ def _drain(run: Run, ds, tally, todo: int) -> tuple[int, float, set[int]]:
         # a driver that stops here (a crash, an error) stops the pipeline's writers too
         getattr(records, "close", lambda: None)()
         watch.join(timeout=5)
-    _, first_at = ray.get(tally.read.remote())
-    return processed, max(0.0, first_at - wall0) if first_at else 0.0, seqs
+    return processed, _startup(tally, wall0, actors), seqs
+
+
+def _startup(tally, wall0: float, actors: int) -> dict[str, float]:
+    """Seconds from the pipeline's start until every one of the first `actors` inference actors had loaded
+    its model (a restarted actor tells again later: not counted), and until the first batch was inferred."""
+    (_, first_at), ready = ray.get([tally.read.remote(), tally.ready_times.remote()])
+    ready_at = ready[:actors][-1] if ready else None
+    return {
+        "actors_ready_seconds": max(0.0, ready_at - wall0) if ready_at else 0.0,
+        "first_output_seconds": max(0.0, first_at - wall0) if first_at else 0.0,
+    }
 
 
 def _watch(run: Run, tally, todo: int, t0: float, stop: threading.Event) -> None:

@@ -128,7 +128,7 @@ def run_mumic(images: Path, model: Path, out: Path, batch: int, precision: str) 
         summary = json.loads(done.stdout[done.stdout.index("{") :])
     except ValueError:
         raise RuntimeError(f"mumic retag failed (exit {done.returncode}): {done.stderr[-1500:]}") from None
-    keys = ("rows_ok", "pipeline_seconds", "first_output_seconds", "images_per_s")
+    keys = ("rows_ok", "pipeline_seconds", "ray_start_seconds", "actors_ready_seconds", "first_output_seconds", "images_per_s")
     return {"wall_s": round(wall, 2), "rc": done.returncode, **{k: summary.get(k) for k in keys}}
 
 

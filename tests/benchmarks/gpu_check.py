@@ -351,7 +351,7 @@ def section_retag(setup: Setup, work: Path) -> dict:
     finally:
         ray.shutdown()
     steady = busy.samples[len(busy.samples) // 4 :]  # past the start-up
-    keys = ("rows_ok", "rows_error", "pipeline_seconds", "first_output_seconds", "images_per_s")
+    keys = ("rows_ok", "rows_error", "pipeline_seconds", "ray_start_seconds", "actors_ready_seconds", "first_output_seconds", "images_per_s")
     return {
         **{k: summary.get(k) for k in keys},
         "wall_s": round(wall, 2),

@@ -77,6 +77,9 @@ def test_the_workers_stage_the_parts_and_the_driver_sees_only_their_records(
     assert seen and all(tuple(b.schema.names) == PART_FIELDS for b in seen)  # records, never an embedding
     assert sum(b.num_rows for b in seen) == 4  # one row per part: 6 + 6 + 6 + 2
     assert summary["first_output_seconds"] > 0  # told by the inference actor, not by a row
+    # the start-up's steps, in order (one actor: its model loads before its first batch)
+    assert 0 < summary["actors_ready_seconds"] <= summary["first_output_seconds"] <= summary["pipeline_seconds"]
+    assert 0 <= summary["ray_start_seconds"] < 1.0  # the session's cluster was already up: joined, not started
     tags = tables.open_table(str(out / "tags")).to_pyarrow_table()
     assert sorted(tags.column("image_id").to_pylist()) == sorted(r["image_id"] for r in rows)
     (row,) = tables.open_table(str(out / "runs")).to_pyarrow_table().to_pylist()
