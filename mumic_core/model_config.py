@@ -1,7 +1,9 @@
-"""A model's hyper-parameters (`ModelConfig`, saved whole in config.json), their bounds, and the error for
-anything a user can fix (`ModelError`): checked without torch, so that a process that only reads and checks
-saved configs (a retag driver, `mumic runs`, `mumic vacuum`) never imports it (1.5 s of CPU and ~250 MB).
-`mumic_core.model` builds models from these and re-exports every name here.
+"""A model's hyper-parameters (`ModelConfig`, saved whole in config.json), their bounds, the error for
+anything a user can fix (`ModelError`) and the precision rule (`resolve`): all without torch, so that a
+process that only reads and checks saved configs and plans a run (a retag driver, `mumic runs`, `mumic
+vacuum`) never imports it (1.5 s of CPU and ~250 MB). `mumic_core.model` builds models from these and
+re-exports `ModelConfig`, `ModelError`, `check_arch` and `TRAIN_MODES`; `mumic_core.precision` applies the
+rule and re-exports it.
 """
 
 from __future__ import annotations
