@@ -17,7 +17,6 @@ from .head_options import HEAD_NAMES, options_for
 from .images import OPENAI_MEAN, OPENAI_STD, RESIZE_MODES
 
 TRAIN_MODES = ("both", "image", "frozen")
-HEADS = HEAD_NAMES
 
 # Generous bounds on an open_clip architecture, checked before anything is allocated. The largest CLIPs
 # (ViT-bigG-14: width 1664, 48 layers, embed 1280; SigLIP so400m at 384 px; 77..256 text tokens) are far
@@ -64,8 +63,8 @@ class ModelConfig:
     resize_mode: str = "shortest"
 
     def __post_init__(self) -> None:
-        if self.head not in HEADS:
-            raise ModelError(f"unknown head {self.head!r}; known: {', '.join(HEADS)}")
+        if self.head not in HEAD_NAMES:
+            raise ModelError(f"unknown head {self.head!r}; known: {', '.join(HEAD_NAMES)}")
         try:
             self.head_options = options_for(self.head, self.head_options)
         except ValueError as e:

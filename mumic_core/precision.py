@@ -16,10 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # the rule itself is torch-free (a retag driver resolves it without torch); re-exported here
-from .model_config import PRECISIONS as PRECISIONS
-from .model_config import ModelError
-from .model_config import Precision as Precision
-from .model_config import resolve as resolve
+from .model_config import PRECISIONS, ModelError, Precision, resolve  # noqa: F401
 
 
 class DeviceError(ModelError):

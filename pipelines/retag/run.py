@@ -48,7 +48,8 @@ from .staging import PartWriter, RunStaging, StagedPart
 
 COUNTS = ("rows_ok", "rows_error", "rows_skipped")
 # a run's start-up, step by step, in its summary: Ray up (local start or join), every inference actor's
-# model loaded, the first batch inferred; the last two from the pipeline's start (`pipeline_seconds`'s)
+# model loaded, the first batch inferred; the last two counted from when the driver starts draining the
+# built dataset (after Ray is up), so both fall inside `pipeline_seconds`
 STARTUP_KEYS = ("ray_start_seconds", "actors_ready_seconds", "first_output_seconds")
 # precision: the resolved one the actors run, known once the pipeline's plan is (`_record_precision`)
 RESUME_KEYS = ("catalog", "model_name", "model_version", "full", "top_k", "requested_precision", "precision")
@@ -455,7 +456,7 @@ def _drain(run: Run, ds, tally, todo: int, actors: int) -> tuple[int, dict[str, 
 
 
 def _startup(tally, wall0: float, actors: int) -> dict[str, float]:
-    """Seconds from the pipeline's start until every one of the first `actors` inference actors had loaded
+    """Seconds from `wall0` (draining began) until every one of the first `actors` inference actors had loaded
     its model (a restarted actor tells again later: not counted), and until the first batch was inferred."""
     (_, first_at), ready = ray.get([tally.read.remote(), tally.ready_times.remote()])
     ready_at = ready[:actors][-1] if ready else None
