@@ -30,11 +30,18 @@ def pixels():
     return np.stack([preprocess(im, 64) for im in images])
 
 
-def test_adding_labels_keeps_every_kept_labels_scores_and_threshold_exactly(saved, pixels):
+def test_adding_labels_keeps_every_weight_and_kept_threshold_exactly_and_the_kept_labels_scores(saved, pixels):
     grown = Taxonomy((*saved.taxonomy.labels, Label("purple"), Label("round object")), saved.taxonomy.templates)
     model, moved = warm_start(saved, grown)
     c = len(saved.taxonomy)
-    np.testing.assert_array_equal(model.eval().score(pixels)[:, :c].numpy(), saved.score(pixels).numpy())
+    before, after = saved.state_dict(), model.state_dict()
+    shared = [k for k in before if k != "thresholds"]
+    assert shared and all(torch.equal(after[k], before[k]) for k in shared)  # every weight carried bit for bit
+    # the kept labels' scores, to float32 rounding: a matmul over more label columns may be blocked
+    # differently by the BLAS (one ulp in 1 of 48 on an AMD EPYC host)
+    np.testing.assert_allclose(
+        model.eval().score(pixels)[:, :c].numpy(), saved.score(pixels).numpy(), rtol=1e-6, atol=1e-7
+    )
     np.testing.assert_array_equal(model.thresholds[:c].numpy(), saved.thresholds.numpy())
     assert model.thresholds[c:].tolist() == [0.5, 0.5]  # new labels: the zero-shot default
     assert moved.added == ("purple", "round object") and moved.dropped == () and len(moved.kept) == c
