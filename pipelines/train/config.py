@@ -76,7 +76,10 @@ class TrainConfig:
     workers: int = Field(1, ge=1, description="Ray Train workers")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
     cpus_per_worker: float | None = Field(
-        None, gt=0, description="CPUs per worker (default: 1, or less so that one CPU stays free for data)"
+        None,
+        gt=0,
+        description="CPUs (and torch threads) per worker (default: on one node, the node's CPUs less one for "
+        "data, shared by the workers; on several nodes or a GPU, 1)",
     )
     epochs: int = Field(10, ge=1, description="epochs")
     batch_size: int = Field(

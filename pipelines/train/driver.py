@@ -42,12 +42,24 @@ log = logging.getLogger(__name__)
 
 
 def _cpus_per_worker(cfg: TrainConfig) -> float:
-    """1 CPU per worker, less when that would leave no CPU for the Ray Data tasks that feed them."""
+    """The CPUs each worker reserves, and (whole ones) its torch threads: `cpus_per_worker(...)` over this
+    cluster's CPUs and nodes."""
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive") and node.get("Resources", {}).get("CPU"))
+    return cpus_per_worker(cfg, float(ray.cluster_resources().get("CPU", 1)), max(1, nodes))
+
+
+def cpus_per_worker(cfg: TrainConfig, total: float, nodes: int = 1) -> float:
+    """CPUs per CPU-training worker, one CPU left free for the Ray Data tasks that feed them.
+
+    On one node the workers share what is left: 1 worker on 8 cores trains on 7 threads (it used to get 1
+    whatever the node). On several nodes, or on a GPU, 1 CPU each (the nodes may differ: set
+    `cpus_per_worker` to use more). Fewer than 1 each when `workers` CPUs would leave none for data."""
     if cfg.cpus_per_worker:
         return float(cfg.cpus_per_worker)
-    total = float(ray.cluster_resources().get("CPU", 1))
-    if cfg.use_gpu or total - cfg.workers >= 1:
+    if cfg.use_gpu:
         return 1.0
+    if total - cfg.workers >= 1:
+        return float(max(1, int((total - 1) // cfg.workers))) if nodes == 1 else 1.0
     per = (total - 1) / cfg.workers
     if per < 0.05:
         raise TrainError(f"{cfg.workers} workers do not fit on {total:g} CPUs with one left for data loading")

@@ -6,8 +6,9 @@ on the same in-memory images, model (mumic-tiny), train mode and per-worker batc
 Prints the numbers and writes them to tests/benchmarks/RESULTS-train.md; asserts nothing (machines differ).
 The first epoch of every run is warm-up (process start, first batches) and is left out of samples/s; the
 configurations run interleaved for --rounds rounds and the best round of each is kept (shared machines).
-Every configuration trains on 1 thread per process, so "Ray 1 worker vs plain" compares like with like and
-"2 workers vs 1" shows what a second core buys.
+On 2 cores every configuration trains on 1 thread per process (what `cpus_per_worker` gives there: one
+CPU stays free for Ray Data), so "Ray 1 worker vs plain" compares like with like and "2 workers vs 1" shows
+what a second core buys. On a larger node Ray's workers get more threads than the plain loop's one.
 """
 
 from __future__ import annotations

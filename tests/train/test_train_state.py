@@ -14,8 +14,8 @@ from mumic_core import synthetic
 from mumic_core.model import MuMIC
 from mumic_core.training import OptimConfig, make_optimizer, train_step
 from pipelines.registry import tracking
-from pipelines.train import STATE, TrainConfig, load_state, save_state
-from pipelines.train.driver import _one_line
+from pipelines.train import STATE, TrainConfig, TrainError, load_state, save_state
+from pipelines.train.driver import _one_line, cpus_per_worker
 
 
 def _model_and_optimizer(seed: int):
@@ -79,3 +79,26 @@ def test_ray_failures_become_one_line_with_the_root_cause():
         '  File "x.py", line 1\nValueError: bad label matrix\n'
     )
     assert _one_line(error) == "Training failed due to worker errors: ValueError: bad label matrix"
+
+
+@pytest.mark.parametrize(
+    ("cpus", "nodes", "workers", "extra", "want"),
+    [
+        (8, 1, 1, {}, 7.0),  # one worker on a laptop-sized node trains on 7 threads (it used to get 1)
+        (8, 1, 2, {}, 3.0),
+        (16, 1, 3, {}, 5.0),
+        (3, 1, 2, {}, 1.0),
+        (2, 1, 1, {}, 1.0),  # 2 cores: one for the worker, one for Ray Data (2 threads thrash here)
+        (2, 1, 2, {}, 0.5),  # fewer than 1 each, so that one CPU stays free for data
+        (32, 2, 2, {}, 1.0),  # several nodes may differ: 1 each unless told
+        (8, 1, 1, {"use_gpu": True}, 1.0),
+        (8, 1, 1, {"cpus_per_worker": 2.5}, 2.5),
+    ],
+)
+def test_cpus_per_worker_leaves_one_for_data_and_shares_the_rest_of_one_node(cpus, nodes, workers, extra, want):
+    assert cpus_per_worker(TrainConfig(workers=workers, **extra), cpus, nodes) == want
+
+
+def test_too_many_workers_for_the_cpus_is_a_train_error():
+    with pytest.raises(TrainError, match="30 workers do not fit on 2 CPUs"):
+        cpus_per_worker(TrainConfig(workers=30), 2, 1)
