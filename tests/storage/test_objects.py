@@ -103,7 +103,9 @@ def test_a_real_time_budget_bounds_a_slow_failing_read(fault_proxy, s3_bucket, s
     elapsed = time.monotonic() - started
     assert failure.reason == "unavailable" and "gave up after" in failure.detail
     assert 1 <= fault_proxy.count("imgs/slow.jpg", "GET") <= 4  # not 50: the budget ran out
-    assert elapsed < 0.5 + 0.2 + 1.0  # the budget, one more slow answer, and slack for a busy box
+    # the budget and one more slow answer take ~0.7 s; without the budget, 50 answers take >= 10 s. Bounded at
+    # half of that: a client's first request on a loaded 2-core box took 1.95 s in all (the 1.7 s bound failed)
+    assert elapsed < 5.0
 
 
 # ---- what is not retried ---------------------------------------------------------------------------------
