@@ -59,7 +59,7 @@ def cpus_per_worker(cfg: TrainConfig, total: float, nodes: int = 1) -> float:
     if cfg.use_gpu:
         return 1.0
     if total - cfg.workers >= 1:
-        return float(max(1, int((total - 1) // cfg.workers))) if nodes == 1 else 1.0
+        return float((total - 1) // cfg.workers) if nodes == 1 else 1.0  # >= 1: total - 1 >= workers
     per = (total - 1) / cfg.workers
     if per < 0.05:
         raise TrainError(f"{cfg.workers} workers do not fit on {total:g} CPUs with one left for data loading")
